@@ -1,0 +1,1 @@
+"""The ``kvlab`` command line: a thin layer over the library (see ``kvlab --help``)."""
