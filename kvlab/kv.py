@@ -1,0 +1,166 @@
+"""Compressed KV storage for one group of heads: pure torch, no transformers.
+
+A :class:`Segment` holds the kept keys and values of some KV heads of one layer as dense tensors
+``(batch, heads, n, head_dim)``, plus the accumulated attention scores when its scorer needs them.
+
+Positions. Keys arrive rotated (RoPE) at their true position ``p``. After an eviction the kept
+keys are re-rotated so that the key at cache index ``i`` sits at *frame* position
+``seen - n + i``, where ``seen`` counts every token fed so far and ``n`` is the number kept. A
+query at true position ``seen + j`` then sees each kept key at distance ``n + j - i``: exactly the
+distance it would have if every token's position were its index in the cache (StreamingLLM,
+section 3.2), because RoPE attention depends only on the difference of positions. Only keys
+that precede an evicted token move, so for StreamingLLM only the sinks are re-rotated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.methods.base import Group
+
+
+class Rotary:
+    """Rotates keys by a number of positions with a model's RoPE frequencies.
+
+    ``inv_freq``: ``(rot_dim // 2,)``; the first ``rot_dim`` channels of a head are rotated
+    (transformers' ``rotate_half`` convention), the rest are left alone (partial rotary).
+    """
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.detach().float()
+
+    def shift(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys (..., n, D)`` by ``delta`` positions; ``delta`` broadcasts to ``(..., n)``."""
+        inv = self.inv_freq.to(keys.device)
+        rot = inv.numel() * 2
+        ang = delta.to(keys.device, torch.float32)[..., None] * inv  # (..., n, rot/2)
+        cos, sin = ang.cos().repeat(*([1] * (ang.dim() - 1)), 2), ang.sin().repeat(*([1] * (ang.dim() - 1)), 2)
+        k = keys[..., :rot].float()
+        half = rot // 2
+        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        out = (k * cos + rotated * sin).to(keys.dtype)
+        return out if rot == keys.shape[-1] else torch.cat((out, keys[..., rot:]), dim=-1)
+
+
+def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``budget`` highest scores along the last axis, in increasing (time) order."""
+    idx = score.topk(budget, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values
+
+
+class Segment:
+    """The kept tokens of one :class:`~kvlab.methods.base.Group` of KV heads of one layer."""
+
+    def __init__(self, group: Group, rotary: Rotary | None, reindex: bool):
+        self.group = group
+        self.heads = torch.tensor(group.heads, dtype=torch.long)
+        self.rotary = rotary
+        self.reindex = reindex and rotary is not None
+        self.needs_scores = group.scorer.needs_scores
+        self.keys: torch.Tensor | None = None  # (B, h, n, D)
+        self.values: torch.Tensor | None = None  # (B, h, n, D)
+        self.scores: torch.Tensor | None = None  # (B, h, n) float32, accumulated attention
+        self.pending = 0  # tokens appended in the current forward pass (no score yet)
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def length_after_compress(self) -> int:
+        budget = self.group.budget
+        return self.length if budget is None else min(self.length, budget)
+
+    def nbytes(self) -> int:
+        """Bytes held by the kept keys and values."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    # -- the three steps of a forward pass ------------------------------------------------
+    def compress(self) -> None:
+        """Evict down to the budget (called before new tokens are appended)."""
+        budget, n = self.group.budget, self.length
+        if budget is None or n <= budget:
+            return
+        score = self.group.scorer.score(self)
+        keep = keep_indices(score, budget)  # (budget,) or (B, h, budget)
+        if keep.dim() == 1:
+            self.keys = self.keys.index_select(2, keep)
+            self.values = self.values.index_select(2, keep)
+            if self.scores is not None:
+                self.scores = self.scores.index_select(2, keep)
+        else:
+            gather = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+            self.keys = self.keys.gather(2, gather)
+            self.values = self.values.gather(2, gather)
+            if self.scores is not None:
+                self.scores = self.scores.gather(2, keep)
+        if self.reindex:
+            # new frame position minus old one: (n - budget) + j - keep[j]; non-increasing in j, >= 0
+            delta = (n - budget) + torch.arange(budget, device=keep.device) - keep
+            moved = int((delta > 0).sum(-1).max())
+            if moved:
+                self.keys[..., :moved, :] = self.rotary.shift(self.keys[..., :moved, :], delta[..., :moved])
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add ``(B, h, q, D)`` new keys/values (rotated at their true positions)."""
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat((self.keys, key_states), dim=-2)
+            self.values = torch.cat((self.values, value_states), dim=-2)
+        q = key_states.shape[-2]
+        if self.needs_scores:
+            new = torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)
+            self.scores = new if self.scores is None else torch.cat((self.scores, new), dim=-1)
+        self.pending = q
+
+    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None,
+               block: int = 256) -> torch.Tensor:
+        """Attention of ``query (B, h*g, q, D)`` (the query heads of this group's KV heads, in
+        order) over the kept tokens plus the ``q`` just appended. Returns ``(B, h*g, q, D)``.
+
+        Scores for H2O-like scorers are accumulated here, a block of queries at a time, so the
+        ``(q, n)`` probability matrix never exists for more than ``block`` queries.
+        """
+        q, n = query.shape[-2], self.length
+        h = self.keys.shape[1]
+        g = query.shape[1] // h
+        mask = _mask(q, n, sliding_window, query.device)  # (q, n) bool or None
+        if not self.needs_scores:
+            return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=mask,
+                                                  scale=scaling, enable_gqa=g > 1)
+        out = torch.empty_like(query)
+        k = self.keys[:, :, None].float()  # (B, h, 1, n, D)
+        v = self.values[:, :, None].float()
+        qg = query.unflatten(1, (h, g)).float()  # (B, h, g, q, D)
+        for start in range(0, q, block):
+            stop = min(q, start + block)
+            logits = qg[..., start:stop, :] @ k.transpose(-1, -2) * scaling  # (B, h, g, b, n)
+            if mask is not None:
+                logits = logits.masked_fill(~mask[start:stop], -math.inf)
+            probs = logits.softmax(dim=-1)
+            out[:, :, start:stop] = (probs @ v).flatten(1, 2).to(out.dtype)
+            self.scores += probs.mean(dim=2).sum(dim=2)  # mean over the group's query heads
+        return out
+
+
+def _mask(q: int, n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean ``(q, n)`` mask (True = attend) for ``q`` new queries over ``n`` keys, the last
+    ``q`` of which are the queries' own tokens. Frame distances make it exact after eviction."""
+    if q == 1 and (sliding_window is None or n <= sliding_window):
+        return None
+    qpos = torch.arange(n - q, n, device=device)[:, None]
+    kpos = torch.arange(n, device=device)[None, :]
+    mask = kpos <= qpos
+    if sliding_window is not None:
+        mask &= qpos - kpos < sliding_window
+    return mask

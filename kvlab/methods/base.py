@@ -1,0 +1,86 @@
+"""The method contract: a KV-cache method is a small dataclass of hyper-parameters.
+
+Most methods override ONE thing, :meth:`Method.score` — a score per cached token, higher keeps —
+and the cache does the rest (top-k, gather, position re-indexing, byte accounting). Methods that
+treat heads differently (head-aware budgets, per-class bit widths) override :meth:`Method.plan`,
+which splits a layer's KV heads into :class:`Group` s, each with its own budget, scorer and bits.
+
+Budgets are *tokens kept per KV head per layer between forward passes*; while a chunk of ``q`` new
+tokens is processed, a group holds at most ``budget + q`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:
+    from kvlab.kv import Segment
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a method may know about the attention layer it plans for."""
+
+    index: int
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    head_dim: int
+    sliding_window: int | None = None  # a sliding-window layer (Gemma-3 local layers) keeps < this many tokens
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of KV heads of one layer that share a budget, a scorer and a bit width.
+
+    ``heads`` are KV-head indices (sorted); ``budget`` None means never evict; ``scorer`` is the
+    method whose :meth:`Method.score` picks the tokens to keep; ``bits`` 16 means full precision.
+    """
+
+    heads: tuple[int, ...]
+    budget: int | None
+    scorer: Method
+    bits: int = 16
+    label: str = "all"
+
+
+@dataclass
+class Method:
+    """Base class. Fields of a subclass are its hyper-parameters, validated in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+    #: whether the cache must accumulate attention probabilities (H2O-like scores) for this method
+    needs_scores: ClassVar[bool] = False
+    #: whether kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2)
+    reindex: ClassVar[bool] = True
+
+    def capacity(self) -> int | None:
+        """Tokens kept per KV head between forward passes (None: unbounded)."""
+        return None
+
+    def plan(self, layer: LayerInfo) -> list[Group]:
+        """Split the layer's KV heads into groups. Default: one group, this method's capacity."""
+        return [Group(heads=tuple(range(layer.num_kv_heads)), budget=self.capacity(), scorer=self)]
+
+    def score(self, seg: Segment) -> torch.Tensor:
+        """Score the ``seg.length`` cached tokens of a group: shape ``(n,)`` (same for every head)
+        or ``(batch, heads, n)``; the ``budget`` highest are kept. ``inf`` forces a keep."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
+
+    def spec(self) -> str:
+        """The spec string that rebuilds this method, e.g. ``streaming:sinks=4,window=1020``."""
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+
+def positive(name: str, value: int, *, allow_zero: bool = False) -> None:
+    """Validate an integer hyper-parameter with a message a user understands."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+        need = "a non-negative" if allow_zero else "a positive"
+        raise KvlabError(f"{name} must be {need} integer, got {value!r}")

@@ -1,0 +1,92 @@
+"""Arithmetic of the storage on hand-built tensors: eviction choices, re-indexing, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab.kv import Rotary, Segment, _mask, keep_indices
+from kvlab.methods.base import Group
+from kvlab.methods.h2o import H2O
+from kvlab.methods.streaming_llm import StreamingLLM
+
+D = 8
+INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Reference RoPE (transformers' rotate_half convention) at absolute positions ``pos (n,)``."""
+    ang = pos.float()[:, None] * INV_FREQ
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    return x * cos + torch.cat((-x[..., D // 2:], x[..., : D // 2]), -1) * sin
+
+
+def _feed(seg: Segment, k0: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
+    """Append pre-RoPE keys ``k0 (1, h, T, D)`` rotated at their true positions, a chunk at a time."""
+    total = k0.shape[2]
+    for s in range(0, total, chunk):
+        e = min(total, s + chunk)
+        seg.compress()
+        seg.append(_rope(k0[:, :, s:e], torch.arange(s, e)), v[:, :, s:e])
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streaming_keeps_sinks_and_window_and_reindexes(chunk):
+    g = torch.Generator().manual_seed(0)
+    k0, v = torch.randn(1, 2, 40, D, generator=g), torch.randn(1, 2, 40, D, generator=g)
+    seg = Segment(Group(heads=(0, 1), budget=6, scorer=StreamingLLM(sinks=2, window=4)), Rotary(INV_FREQ), True)
+    _feed(seg, k0, v, chunk)
+    seg.compress()
+    kept = [0, 1, 36, 37, 38, 39]
+    assert torch.equal(seg.values, v[:, :, kept])  # values are never touched
+    # the key at cache index i sits at frame position seen - n + i
+    frame = torch.arange(40 - 6, 40)
+    assert torch.allclose(seg.keys, _rope(k0[:, :, kept], frame), atol=1e-5)
+
+
+def test_frame_distances_equal_literal_reindexing():
+    """q at true position P against frame keys == q at cache position n against keys at 0..n-1."""
+    g = torch.Generator().manual_seed(1)
+    k0 = torch.randn(1, 1, 25, D, generator=g)
+    q0 = torch.randn(D, generator=g)
+    seg = Segment(Group(heads=(0,), budget=7, scorer=StreamingLLM(sinks=3, window=4)), Rotary(INV_FREQ), True)
+    _feed(seg, k0, torch.zeros_like(k0), 1)
+    seg.compress()
+    kept = [0, 1, 2, 21, 22, 23, 24]
+    ours = _rope(q0[None], torch.tensor([25])) @ seg.keys[0, 0].T
+    literal = _rope(q0[None], torch.tensor([7])) @ _rope(k0[0, 0, kept], torch.arange(7)).T
+    assert torch.allclose(ours, literal, atol=1e-4)
+
+
+def test_h2o_keeps_recent_and_heaviest_per_head():
+    seg = Segment(Group(heads=(0, 1), budget=4, scorer=H2O(budget=4, recent=2)), None, False)
+    seg.keys = torch.zeros(1, 2, 7, D)
+    seg.values = torch.arange(7.0).view(1, 1, 7, 1).expand(1, 2, 7, D).clone()
+    seg.scores = torch.tensor([[[5.0, 0.1, 3.0, 0.2, 4.0, 0.0, 0.0], [0.0, 9.0, 0.0, 8.0, 0.0, 0.0, 0.0]]])
+    seg.compress()
+    assert seg.values[0, 0, :, 0].tolist() == [0, 4, 5, 6]
+    assert seg.values[0, 1, :, 0].tolist() == [1, 3, 5, 6]
+    assert seg.scores.shape == (1, 2, 4)
+
+
+def test_scores_accumulate_attention_mass():
+    """Every query spreads probability 1 over the keys: the accumulated scores sum to the query count."""
+    seg = Segment(Group(heads=(0,), budget=None, scorer=H2O(budget=100, recent=1)), None, False)
+    g = torch.Generator().manual_seed(2)
+    seg.append(torch.randn(1, 1, 5, D, generator=g), torch.randn(1, 1, 5, D, generator=g))
+    seg.attend(torch.randn(1, 2, 5, D, generator=g), D ** -0.5, None)  # GQA: 2 query heads
+    assert torch.allclose(seg.scores.sum(), torch.tensor(5.0), atol=1e-5)
+    assert seg.scores[0, 0, 0] > seg.scores[0, 0, 4]  # causal: the first key is seen by every query
+
+
+def test_keep_indices_sorted_in_time():
+    s = torch.tensor([0.5, 9.0, float("inf"), 1.0, 7.0])
+    assert keep_indices(s, 3).tolist() == [1, 2, 4]
+
+
+def test_mask_causal_and_sliding():
+    m = _mask(3, 6, None, torch.device("cpu"))
+    assert m.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    w = _mask(2, 6, 3, torch.device("cpu"))
+    assert w.tolist() == [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    assert _mask(1, 6, None, torch.device("cpu")) is None
