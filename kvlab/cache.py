@@ -231,6 +231,7 @@ def make_cache(model: PreTrainedModel, method: str | Method = "full") -> KVCache
     from kvlab.methods.registry import build
 
     m = build(method) if isinstance(method, str) else method
+    m.prepare(model)
     use_kvlab_attention(model)
     infos = layer_infos(model)
     rots = rotaries(model)

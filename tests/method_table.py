@@ -9,16 +9,21 @@ Entries are callables ``(seq_len, tmp_path, model) -> spec`` so that methods nee
 
 from __future__ import annotations
 
+from profiles import round_robin_profile
+
 LOSSLESS = {
     "full": lambda n, tmp, model: "full",
     "streaming": lambda n, tmp, model: f"streaming:sinks=4,window={n}",
     "h2o": lambda n, tmp, model: f"h2o:budget={n},recent=4",
+    # every class gets at least budget * 0.25 / 2.0 of the mean: 10 n leaves each head >= n tokens
+    "head-aware": lambda n, tmp, model: f"head-aware:budget={10 * n},profile={round_robin_profile(model, tmp)}",
 }
 
 TIGHT = {
     "streaming": lambda n, tmp, model: "streaming:sinks=2,window=6",
     "h2o": lambda n, tmp, model: "h2o:budget=8,recent=3",
+    "head-aware": lambda n, tmp, model: f"head-aware:budget=8,profile={round_robin_profile(model, tmp)},recent=2,sinks=1,retrieval=1.5,local=0.5",
 }
 
 # tokens kept per KV head between forward passes for the TIGHT specs
-TIGHT_BUDGET = {"streaming": 8, "h2o": 8}
+TIGHT_BUDGET = {"streaming": 8, "h2o": 8, "head-aware": 8 * 2}  # a retrieval head can take up to 2x the mean

@@ -64,6 +64,9 @@ class Method:
         """Tokens kept per KV head between forward passes (None: unbounded)."""
         return None
 
+    def prepare(self, model: object) -> None:
+        """Called once by ``make_cache`` before planning: load files, check they fit the model."""
+
     def plan(self, layer: LayerInfo) -> list[Group]:
         """Split the layer's KV heads into groups. Default: one group, this method's capacity."""
         return [Group(heads=tuple(range(layer.num_kv_heads)), budget=self.capacity(), scorer=self)]
@@ -75,7 +78,7 @@ class Method:
 
     def spec(self) -> str:
         """The spec string that rebuilds this method, e.g. ``streaming:sinks=4,window=1020``."""
-        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.init]
         return self.name + (":" + ",".join(parts) if parts else "")
 
 

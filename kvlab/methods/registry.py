@@ -46,7 +46,7 @@ def build(spec: str) -> Method:
     """Parse ``name:key=value,...`` and build the method, coercing values to the field types."""
     name, raw = parse_spec(spec)
     cls = get(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -81,6 +81,7 @@ _BUILTINS = (
     "kvlab.methods.full:Full",
     "kvlab.methods.streaming_llm:StreamingLLM",
     "kvlab.methods.h2o:H2O",
+    "kvlab.methods.head_aware:HeadAware",
 )
 
 
