@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvlab.errors import KvlabError
-from kvlab.kv import Rotary, Segment
+from kvlab.kv import Rotary, Segment, make_segment
 from kvlab.methods.base import Group, LayerInfo, Method
 from kvlab.methods.streaming_llm import StreamingLLM
 
@@ -45,8 +45,9 @@ class KVLayer(CacheLayerMixin):
             groups = [_cap_sliding(g, info.sliding_window) for g in groups]
         self.info = info
         self.is_sliding = info.sliding_window is not None
-        self.segments = [Segment(g, rotary, g.scorer.reindex) for g in groups]
-        self.single = len(self.segments) == 1
+        self.segments = [make_segment(g, rotary) for g in groups]
+        # one dense group: attention can read its tensors directly (and sdpa could, untagged)
+        self.single = len(self.segments) == 1 and type(self.segments[0]) is Segment
         self.seen = 0  # tokens fed through this layer so far
         self.last_q = 0
 
@@ -62,9 +63,10 @@ class KVLayer(CacheLayerMixin):
         """Evict down to budget, append ``(B, kv_heads, q, D)`` new states, return what to attend."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        whole = len(self.segments) == 1
         for seg in self.segments:
             seg.compress()
-            if self.single:
+            if whole:
                 seg.append(key_states, value_states)
             else:
                 seg.append(key_states.index_select(1, seg.heads), value_states.index_select(1, seg.heads))
@@ -116,7 +118,7 @@ class KVLayer(CacheLayerMixin):
 
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
         """``query (B, heads, q, D)`` → attention output ``(B, heads, q, D)``."""
-        if self.single:
+        if len(self.segments) == 1:
             return self.segments[0].attend(query, scaling, sliding_window)
         g = query.shape[1] // self.info.num_kv_heads
         out = torch.empty_like(query)

@@ -51,6 +51,15 @@ def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
     return idx.sort(dim=-1).values
 
 
+def make_segment(group: Group, rotary: Rotary | None) -> Segment:
+    """The storage for a group: dense for 16 bits, KIVI-quantized (:mod:`kvlab.kv_quant`) below."""
+    if group.bits >= 16:
+        return Segment(group, rotary, group.scorer.reindex)
+    from kvlab.kv_quant import QuantSegment
+
+    return QuantSegment(group, rotary)
+
+
 class Segment:
     """The kept tokens of one :class:`~kvlab.methods.base.Group` of KV heads of one layer."""
 

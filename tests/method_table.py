@@ -17,6 +17,9 @@ LOSSLESS = {
     "h2o": lambda n, tmp, model: f"h2o:budget={n},recent=4",
     # every class gets at least budget * 0.25 / 2.0 of the mean: 10 n leaves each head >= n tokens
     "head-aware": lambda n, tmp, model: f"head-aware:budget={10 * n},profile={round_robin_profile(model, tmp)}",
+    # a residual of n tokens is never quantized; every class keeps >= 10 n * 0.25 / 2.25 >= n + group_size - 1 tokens
+    "haq": lambda n, tmp, model: f"haq:budget={10 * n},profile={round_robin_profile(model, tmp)},bits=8/4/2,group_size=4,residual={n}",
+    "quant": lambda n, tmp, model: f"quant:bits=4,group_size=4,residual={n}",
 }
 
 TIGHT = {

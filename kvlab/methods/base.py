@@ -57,8 +57,9 @@ class Method:
     name: ClassVar[str] = ""
     #: whether the cache must accumulate attention probabilities (H2O-like scores) for this method
     needs_scores: ClassVar[bool] = False
-    #: whether kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2)
-    reindex: ClassVar[bool] = True
+    #: whether kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2);
+    #: a plain class attribute, so that a subclass may make it a field (``streaming:reindex=0``)
+    reindex = True
 
     def capacity(self) -> int | None:
         """Tokens kept per KV head between forward passes (None: unbounded)."""

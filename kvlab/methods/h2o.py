@@ -16,10 +16,15 @@ class H2O(Method):
     """Per KV head, keep the ``recent`` newest tokens plus the heavy hitters: the tokens with the
     largest attention accumulated over every query since they entered the cache (at prefill and at
     every decode step). With grouped-query attention the query heads of a group are averaged.
+
+    Kept tokens are re-indexed to their index in the cache, as in StreamingLLM, so that a stream can
+    run past the model's maximum position; ``reindex=0`` keeps original positions (the H2O paper's
+    setting, bounded by the model's maximum position).
     """
 
     budget: int = 1024
     recent: int = 256
+    reindex: bool = True
     name = "h2o"
     needs_scores = True
 

@@ -82,6 +82,8 @@ _BUILTINS = (
     "kvlab.methods.streaming_llm:StreamingLLM",
     "kvlab.methods.h2o:H2O",
     "kvlab.methods.head_aware:HeadAware",
+    "kvlab.methods.haq:HAQ",
+    "kvlab.methods.quant:Quant",
 )
 
 

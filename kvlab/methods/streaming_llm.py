@@ -16,10 +16,12 @@ class StreamingLLM(Method):
 
     Positions are re-indexed inside the cache (section 3.2 of the paper): a kept token's position
     is its index in the cache, so a stream can run far past the model's maximum position.
+    ``reindex=0`` keeps every token at its original position instead (an ablation).
     """
 
     sinks: int = 4
     window: int = 1020
+    reindex: bool = True
     name = "streaming"
 
     def __post_init__(self) -> None:

@@ -1,0 +1,119 @@
+"""Decode speed of full vs StreamingLLM vs H2O at growing contexts, and the share of a step spent compressing.
+
+    python bench/bench_decode.py [--model smollm2-135m] [--contexts 1024,4096,8192,16384] [--steps 64]
+
+For each method and context: real text (pydoc) is prefilled a chunk at a time through the method's cache,
+then ``--steps`` greedy decode steps are timed one by one after ``--warmup`` steps. The time spent inside
+the cache's eviction (``Segment.compress``: scoring, top-k, gather, re-rotation) is measured by wrapping it,
+so "compress share" = compress time / step time. H2O's extra cost of computing attention probabilities
+(needed for its scores) is part of its step time, not of the compress share.
+Prints a table and writes bench/results/decode.json and bench/results/decode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kvlab
+from kvlab.data import load_text, tokenize
+from kvlab.device import synchronize
+from kvlab.kv import Segment
+from kvlab.results import git_hash, machine, versions
+from kvlab.stream import feed
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+class CompressTimer:
+    """Wraps Segment.compress to add up the seconds spent in it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._orig = Segment.compress
+
+    def __enter__(self) -> CompressTimer:
+        timer, orig = self, self._orig
+
+        def timed(seg: Segment) -> None:
+            t = time.perf_counter()
+            orig(seg)
+            timer.seconds += time.perf_counter() - t
+
+        Segment.compress = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Segment.compress = self._orig  # type: ignore[method-assign]
+
+
+@torch.no_grad()
+def measure(model, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int) -> dict:
+    cache = kvlab.make_cache(model, spec)
+    t0 = time.perf_counter()
+    logits = feed(model, cache, ids, chunk)
+    prefill = time.perf_counter() - t0
+    token = logits.argmax(-1, keepdim=True)
+    times, comp = [], []
+    with CompressTimer() as timer:
+        for i in range(warmup + steps):
+            before = timer.seconds
+            synchronize(model.device)
+            t = time.perf_counter()
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            synchronize(model.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+                comp.append(timer.seconds - before)
+    step = statistics.median(times)
+    return {"method": spec, "context": ids.shape[1], "prefill_s": round(prefill, 2),
+            "step_ms": round(1000 * step, 2), "tokens_per_s": round(1 / step, 2),
+            "compress_share": round(sum(comp) / sum(times), 4), "kv_mib": round(cache.nbytes() / 2**20, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--contexts", default="1024,4096,8192,16384")
+    p.add_argument("--methods", default="full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = kvlab.load(args.model)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    ids_all = tokenize(tok, load_text("pydoc"), max(contexts)).to(model.device)
+    rows = []
+    for ctx in contexts:
+        for spec in args.methods.split(";"):
+            row = measure(model, ids_all[:, :ctx], spec, args.steps, args.warmup, args.chunk)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["method"].split(":")[0], r["context"]): r for r in rows}
+    lines = ["| context | method | step ms | tokens/s | speed-up vs full | compress share | KV MiB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        full = by.get(("full", r["context"]))
+        speed = f"{full['step_ms'] / r['step_ms']:.2f}x" if full else "n/a"
+        lines.append(f"| {r['context']} | `{r['method']}` | {r['step_ms']} | {r['tokens_per_s']} | {speed} | "
+                     f"{100 * r['compress_share']:.1f}% | {r['kv_mib']} |")
+    table = "\n".join(lines)
+    print(table)
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
+            "machine": machine(str(model.device)), "args": vars(args)}
+    (OUT / "decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (OUT / "decode.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

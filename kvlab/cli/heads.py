@@ -1,0 +1,130 @@
+"""``kvlab heads profile | show | plot``: profile attention heads as retrieval / induction / local."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kvlab.errors import KvlabError
+
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _check_output(path: str, what: str, suffixes: tuple[str, ...] | None = None) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise KvlabError(f"{what} {p} is a folder; give a file name")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise KvlabError(f"{what} {p} must end with one of {', '.join(suffixes)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise KvlabError(f"cannot write {what} {p}: {parent} is not a folder")
+
+
+def _settings(args: argparse.Namespace):  # -> ProfileSettings
+    from kvlab.heads import ProfileSettings
+
+    fields = ProfileSettings.__dataclass_fields__
+    return ProfileSettings(**{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+
+
+def _summary(profile) -> str:  # profile: HeadProfile
+    counts = profile.counts()
+    return ", ".join(f"{counts[c]} {c}" for c in counts) + f" of {profile.num_layers * profile.num_kv_heads} KV heads"
+
+
+def _profile(args: argparse.Namespace) -> int:
+    settings = _settings(args)                    # bad flags fail before the model is loaded
+    _check_output(args.output, "--output")
+    if args.plot:
+        _check_output(args.plot, "--plot", _PLOT_SUFFIXES)
+    from kvlab.heads import plot_profile, profile_heads
+    from kvlab.models import load
+
+    say = (lambda _m: None) if args.quiet else (lambda m: print(f"kvlab heads: {m}", file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, device=args.device, dtype="float32", attn_implementation="eager")
+    say(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    profile = profile_heads(model, tokenizer, settings, model_id=args.model, progress=say)
+    elapsed = time.perf_counter() - start
+    profile.save(args.output)
+    if args.plot:
+        plot_profile(profile, args.plot)
+    print(f"{args.output}: {_summary(profile)} (profiled in {elapsed:.0f} s; "
+          f"model copied the needle at {profile.copy_accuracy:.0%} of steps)")
+    if args.plot:
+        print(f"{args.plot}: heatmaps of the three scores and the class map")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from kvlab.heads import HeadProfile
+
+    profile = HeadProfile.load(args.profile)
+    print(f"{profile.model} (weights {profile.fingerprint}, {profile.dtype}): {_summary(profile)}")
+    letters = {"retrieval": "R", "induction": "I", "local": "."}
+    print("layer  " + " ".join(f"h{h}" for h in range(profile.num_kv_heads)) + "   (R retrieval, I induction, . local)")
+    for layer, row in enumerate(profile.classes):
+        print(f"{layer:>5}  " + " ".join(f"{letters[c]:>2}" for c in row))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from kvlab.heads import HeadProfile, plot_profile
+
+    _check_output(args.output, "--output", _PLOT_SUFFIXES)
+    profile = HeadProfile.load(args.profile)
+    plot_profile(profile, args.output, dpi=args.dpi)
+    print(f"{args.output}: heatmaps of the three scores and the class map")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from kvlab.heads.profile import ProfileSettings
+
+    d = ProfileSettings()
+    parser = subparsers.add_parser("heads", help="profile attention heads (retrieval / induction / local)",
+                                   description="Score every KV head of a model as retrieval (needle copying, "
+                                               "Wu et al. 2024), induction (repeated random tokens) and locality "
+                                               "(attention on sinks + a recent window), and classify them.")
+    actions = parser.add_subparsers(dest="heads_command", metavar="ACTION", parser_class=type(parser))
+    actions.required = True
+
+    p = actions.add_parser("profile", help="profile a model and write the profile JSON")
+    p.add_argument("--model", required=True, help="model alias, folder, .gguf file or hub id")
+    p.add_argument("--output", required=True, help="profile JSON to write")
+    p.add_argument("--plot", default=None, help="also write heatmaps to this .png/.pdf/.svg")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every probe (default: {d.seed})")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    g = p.add_argument_group("probes")
+    g.add_argument("--retrieval-samples", type=int, help=f"needle prompts (default: {d.retrieval_samples})")
+    g.add_argument("--context-len", type=int, help=f"haystack tokens per needle prompt (default: {d.context_len})")
+    g.add_argument("--needle-words", type=int, help=f"random words in the needle (default: {d.needle_words})")
+    g.add_argument("--induction-samples", type=int, help=f"repeated sequences (default: {d.induction_samples})")
+    g.add_argument("--induction-len", type=int, help=f"length of the repeated sequence (default: {d.induction_len})")
+    g.add_argument("--locality-samples", type=int, help=f"natural-text samples (default: {d.locality_samples})")
+    g.add_argument("--locality-len", type=int, help=f"tokens per text sample (default: {d.locality_len})")
+    g.add_argument("--window", type=int, help=f"recent keys that count as local (default: {d.window})")
+    g.add_argument("--sinks", type=int, help=f"first keys that count as local (default: {d.sinks})")
+    g = p.add_argument_group("classes")
+    g.add_argument("--retrieval-quota", type=float,
+                   help=f"fraction of KV heads classed retrieval (default: {d.retrieval_quota})")
+    g.add_argument("--induction-quota", type=float,
+                   help=f"fraction of KV heads classed induction, among the rest (default: {d.induction_quota})")
+    g.add_argument("--min-retrieval", type=float, help=f"minimum retrieval score (default: {d.min_retrieval})")
+    g.add_argument("--min-induction", type=float, help=f"minimum induction score (default: {d.min_induction})")
+    p.set_defaults(func=_profile)
+
+    p = actions.add_parser("show", help="print a profile's classes per layer")
+    p.add_argument("profile", help="profile JSON")
+    p.set_defaults(func=_show)
+
+    p = actions.add_parser("plot", help="draw a profile's heatmaps")
+    p.add_argument("profile", help="profile JSON")
+    p.add_argument("--output", required=True, help="image to write (.png, .pdf or .svg)")
+    p.add_argument("--dpi", type=int, default=150, help="resolution (default: 150)")
+    p.set_defaults(func=_plot)
