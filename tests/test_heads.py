@@ -127,9 +127,10 @@ def test_repeat_probe_repeats_ordinary_tokens():
 
 def test_run_probe_keeps_the_rows_eager_attention_returns(tiny_llama):
     model = copy.deepcopy(tiny_llama)
+    before = model.config._attn_implementation
     probe = probes.text_probe(ByteTokenizer(), probes.haystack_text(), random.Random(2), length=48, first_query=40)
     rows, _ = probes.run_probe(model, probe, lambda a: a)                   # (layers, Hq, Q, T)
-    assert model.config._attn_implementation == "sdpa"                       # restored
+    assert model.config._attn_implementation == before                       # restored
     model.set_attn_implementation("eager")
     with torch.inference_mode():
         full = model(probe.input_ids, output_attentions=True).attentions

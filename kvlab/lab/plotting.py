@@ -1,0 +1,104 @@
+"""Shared pieces of the lab's figures: one palette and style, row selection helpers, atomic saving.
+
+Every figure uses the Okabe-Ito palette (readable with colour-blindness), the full cache in grey, and
+a method name keeps its colour in every figure (:func:`color`); several settings of one method get
+lighter shades of it (:func:`spec_colors`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+
+from kvlab.lab.frame import short, varying
+
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000"]
+METHOD_COLORS = {"full": "#7F7F7F", "streaming": OKABE_ITO[0], "h2o": OKABE_ITO[1], "head-aware": OKABE_ITO[2],
+                 "haq": OKABE_ITO[3], "quant": OKABE_ITO[4]}
+STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
+         "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+         "grid.alpha": 0.3, "savefig.bbox": "tight", "pdf.fonttype": 42}
+DPI = 300
+
+
+class NoData(Exception):
+    """The rows hold no data for this figure; the message says what is missing."""
+
+
+def color(method: str) -> str:
+    """The colour of a method (by name; unknown names get a stable palette entry)."""
+    name = method.split(":", 1)[0]
+    return METHOD_COLORS.get(name, OKABE_ITO[sum(map(ord, name)) % len(OKABE_ITO)])
+
+
+def ok_rows(df: pd.DataFrame, eval_name: str | None = None) -> pd.DataFrame:
+    part = df[df["status"] == "ok"]
+    return part if eval_name is None else part[part["eval"] == eval_name]
+
+
+def group_label(row: pd.Series, cols: list[str]) -> str:
+    parts = [f"{row[c]} tok" if c == "param.tokens" else f"{short(c)}={row[c]}" if c.startswith("param.") and
+             c != "param.data" else str(row[c]) for c in cols]
+    return ", ".join(parts)
+
+
+def specs_of(part: pd.DataFrame) -> list[str]:
+    return sorted(part["method"].unique(), key=lambda m: (m.split(":")[0] != "full", m))
+
+
+def spec_colors(specs: list[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour per spec: the method's colour, lighter for each further spec of the same method."""
+    out, seen = {}, {}
+    for spec in specs:
+        name = spec.split(":", 1)[0]
+        same = [s for s in specs if s.split(":", 1)[0] == name]
+        k = seen[name] = seen.get(name, -1) + 1
+        mix = 0.6 * k / max(1, len(same) - 1) if len(same) > 1 else 0.0
+        base = np.array(to_rgb(color(spec)))
+        out[spec] = tuple(base + (1.0 - base) * mix)
+    return out
+
+
+def series(part: pd.DataFrame, x: str, keys: list[str], limit: int = 8) -> tuple[pd.DataFrame, list[str]]:
+    """Rows that form lines over ``x`` with everything else fixed (2+ points each), with a ``series``
+    column; also the key columns that tell the kept lines apart (for their labels)."""
+    keys = [*keys, *[c for c in part.columns if c.startswith(("param.", "method.")) and c not in (x, "param.seed")]]
+    keys = [c for c in dict.fromkeys(keys) if c in part.columns]
+    part = part.assign(series=[" | ".join(map(str, r)) for r in part[keys].itertuples(index=False)])
+    counts = part.groupby("series")[x].nunique()
+    part = part[part["series"].isin(counts[counts >= 2].index[:limit])]
+    return part, varying(part, keys)
+
+
+def series_name(first: pd.Series, fixed: list[str], default: str) -> str:
+    return ", ".join(f"{short(c)}={first[c]}" if c.startswith(("param.", "method.")) else str(first[c])
+                     for c in fixed) or default
+
+
+def first_column(part: pd.DataFrame, names: tuple[str, ...]) -> str | None:
+    return next((c for c in names if c in part and part[c].notna().any()), None)
+
+
+def save(fig: Figure, stem: Path, *, dpi: int = DPI, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Write ``stem.png`` (300 dpi) and ``stem.pdf``, each atomically."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix in (f".{f}" for f in formats):
+        target = stem.with_suffix(suffix)
+        fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{target.name}.", suffix=suffix)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=dpi, format=suffix[1:])
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; figures are for sharing
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(target)
+    return paths
