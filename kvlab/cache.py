@@ -65,11 +65,13 @@ class KVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         whole = len(self.segments) == 1
         for seg in self.segments:
-            seg.compress()
-            if whole:
-                seg.append(key_states, value_states)
+            k, v = (key_states, value_states) if whole else (key_states.index_select(1, seg.heads),
+                                                               value_states.index_select(1, seg.heads))
+            if isinstance(seg, Segment):
+                seg.push(k, v)  # eviction and append in one copy
             else:
-                seg.append(key_states.index_select(1, seg.heads), value_states.index_select(1, seg.heads))
+                seg.compress()
+                seg.append(k, v)
         self.last_q = key_states.shape[-2]
         self.seen += self.last_q
         if self.single:

@@ -35,14 +35,14 @@ class Rotary:
     def shift(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Rotate ``keys (..., n, D)`` by ``delta`` positions; ``delta`` broadcasts to ``(..., n)``."""
         inv = self.inv_freq.to(keys.device)
-        rot = inv.numel() * 2
+        half = inv.numel()
         ang = delta.to(keys.device, torch.float32)[..., None] * inv  # (..., n, rot/2)
-        cos, sin = ang.cos().repeat(*([1] * (ang.dim() - 1)), 2), ang.sin().repeat(*([1] * (ang.dim() - 1)), 2)
-        k = keys[..., :rot].float()
-        half = rot // 2
-        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-        out = (k * cos + rotated * sin).to(keys.dtype)
-        return out if rot == keys.shape[-1] else torch.cat((out, keys[..., rot:]), dim=-1)
+        cos, sin = ang.cos(), ang.sin()
+        k1, k2 = keys[..., :half].float(), keys[..., half:2 * half].float()
+        out = keys.clone()
+        out[..., :half] = k1 * cos - k2 * sin  # transformers' rotate_half convention
+        out[..., half:2 * half] = k2 * cos + k1 * sin
+        return out
 
 
 def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
@@ -93,44 +93,81 @@ class Segment:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
-    # -- the three steps of a forward pass ------------------------------------------------
-    def compress(self) -> None:
-        """Evict down to the budget (called before new tokens are appended)."""
+    # -- the steps of a forward pass --------------------------------------------------------
+    def push(self, key_states: torch.Tensor | None = None, value_states: torch.Tensor | None = None) -> None:
+        """Evict down to the budget, then append ``(B, h, q, D)`` new keys/values (rotated at their true
+        positions). Eviction and append are one copy of the cache: kept runs and new tokens are
+        concatenated at once (StreamingLLM keeps two runs: the sinks and the window)."""
+        new = [] if key_states is None else [key_states]
+        newv = [] if value_states is None else [value_states]
+        q = 0 if key_states is None else key_states.shape[-2]
+        newscore = []
+        if self.needs_scores and q:
+            newscore = [torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)]
         budget, n = self.group.budget, self.length
-        if budget is None or n <= budget:
-            return
-        score = self.group.scorer.score(self)
-        keep = keep_indices(score, budget)  # (budget,) or (B, h, budget)
-        if keep.dim() == 1:
-            self.keys = self.keys.index_select(2, keep)
-            self.values = self.values.index_select(2, keep)
-            if self.scores is not None:
-                self.scores = self.scores.index_select(2, keep)
+        if self.keys is None:
+            if new:
+                self.keys, self.values = key_states, value_states
+                self.scores = newscore[0] if newscore else None
+        elif budget is None or n <= budget:
+            if new:
+                self.keys = torch.cat((self.keys, *new), dim=-2)
+                self.values = torch.cat((self.values, *newv), dim=-2)
+                if newscore:
+                    self.scores = torch.cat((self.scores, *newscore), dim=-1)
         else:
-            gather = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-            self.keys = self.keys.gather(2, gather)
-            self.values = self.values.gather(2, gather)
-            if self.scores is not None:
-                self.scores = self.scores.gather(2, keep)
-        if self.reindex:
-            # new frame position minus old one: (n - budget) + j - keep[j]; non-increasing in j, >= 0
-            delta = (n - budget) + torch.arange(budget, device=keep.device) - keep
-            moved = int((delta > 0).sum(-1).max())
-            if moved:
-                self.keys[..., :moved, :] = self.rotary.shift(self.keys[..., :moved, :], delta[..., :moved])
+            runs = self.group.scorer.runs(n)
+            keep = None
+            if runs is None:
+                keep = keep_indices(self.group.scorer.score(self), budget)  # (budget,) or (B, h, budget)
+                runs = _runs(keep) if keep.dim() == 1 else None
+            if runs is not None:  # contiguous runs: one concatenation, no gather
+                self.keys = torch.cat([self.keys[:, :, a:b] for a, b in runs] + new, dim=-2)
+                self.values = torch.cat([self.values[:, :, a:b] for a, b in runs] + newv, dim=-2)
+                if self.scores is not None:
+                    self.scores = torch.cat([self.scores[..., a:b] for a, b in runs] + newscore, dim=-1)
+                if self.reindex:
+                    self._reindex_runs(runs, n - budget)
+            else:
+                index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+                self.keys = torch.cat([self.keys.gather(2, index)] + new, dim=-2)
+                self.values = torch.cat([self.values.gather(2, index)] + newv, dim=-2)
+                if self.scores is not None:
+                    self.scores = torch.cat([self.scores.gather(2, keep)] + newscore, dim=-1)
+                if self.reindex:
+                    # new frame position minus old one: (n - budget) + j - keep[j]; non-increasing in j, >= 0
+                    delta = (n - budget) + torch.arange(budget, device=keep.device) - keep
+                    moved = int((delta > 0).sum(-1).max())
+                    if moved:
+                        self.keys[..., :moved, :] = self.rotary.shift(self.keys[..., :moved, :], delta[..., :moved])
+        self.pending = q
+
+    def _reindex_runs(self, runs: list[tuple[int, int]], evicted: int) -> None:
+        """Re-rotate the kept runs: run ``(a, b)`` landing at index ``j0`` moves by ``evicted - (a - j0)``."""
+        j0 = 0
+        for a, b in runs:
+            delta = evicted - (a - j0)
+            if delta:
+                d = torch.full((b - a,), delta, device=self.keys.device)
+                self.keys[..., j0:j0 + b - a, :] = self.rotary.shift(self.keys[..., j0:j0 + b - a, :], d)
+            j0 += b - a
+
+    def compress(self) -> None:
+        """Evict down to the budget without appending."""
+        self.push()
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Add ``(B, h, q, D)`` new keys/values (rotated at their true positions)."""
-        if self.keys is None:
+        """Append without evicting."""
+        keys, values, scores = self.keys, self.values, self.scores
+        if keys is None:
             self.keys, self.values = key_states, value_states
         else:
-            self.keys = torch.cat((self.keys, key_states), dim=-2)
-            self.values = torch.cat((self.values, value_states), dim=-2)
-        q = key_states.shape[-2]
+            self.keys = torch.cat((keys, key_states), dim=-2)
+            self.values = torch.cat((values, value_states), dim=-2)
         if self.needs_scores:
-            new = torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)
-            self.scores = new if self.scores is None else torch.cat((self.scores, new), dim=-1)
-        self.pending = q
+            zeros = torch.zeros(*key_states.shape[:2], key_states.shape[-2], dtype=torch.float32, device=key_states.device)
+            self.scores = zeros if scores is None else torch.cat((scores, zeros), dim=-1)
+        self.pending = key_states.shape[-2]
 
     def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None,
                block: int = 256) -> torch.Tensor:
@@ -160,6 +197,16 @@ class Segment:
             out[:, :, start:stop] = (probs @ v).flatten(1, 2).to(out.dtype)
             self.scores += probs.mean(dim=2).sum(dim=2)  # mean over the group's query heads
         return out
+
+
+def _runs(keep: torch.Tensor, most: int = 8) -> list[tuple[int, int]] | None:
+    """Sorted 1-D indices as at most ``most`` contiguous ``(start, stop)`` runs, else None."""
+    cut = (torch.nonzero(keep[1:] != keep[:-1] + 1).flatten() + 1).tolist()
+    if len(cut) >= most:
+        return None
+    bounds = [0, *cut, keep.numel()]
+    starts = keep[bounds[:-1]].tolist()
+    return [(s, s + b1 - b0) for s, b0, b1 in zip(starts, bounds[:-1], bounds[1:])]
 
 
 def _mask(q: int, n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:

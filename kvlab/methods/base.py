@@ -77,6 +77,11 @@ class Method:
         or ``(batch, heads, n)``; the ``budget`` highest are kept. ``inf`` forces a keep."""
         raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
 
+    def runs(self, n: int) -> list[tuple[int, int]] | None:
+        """Optional fast path for positional methods: the ``(start, stop)`` runs of the ``n`` cached
+        tokens to keep (the same for every head), instead of scoring them. Default: None (score)."""
+        return None
+
     def spec(self) -> str:
         """The spec string that rebuilds this method, e.g. ``streaming:sinks=4,window=1020``."""
         parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.init]

@@ -17,14 +17,14 @@ class H2O(Method):
     largest attention accumulated over every query since they entered the cache (at prefill and at
     every decode step). With grouped-query attention the query heads of a group are averaged.
 
-    Kept tokens are re-indexed to their index in the cache, as in StreamingLLM, so that a stream can
-    run past the model's maximum position; ``reindex=0`` keeps original positions (the H2O paper's
-    setting, bounded by the model's maximum position).
+    Kept tokens keep their original positions, as in the paper (a stream is then bounded by the
+    model's maximum position); ``reindex=1`` re-indexes them to their index in the cache, as
+    StreamingLLM does, at the cost of re-rotating every key that precedes an evicted one.
     """
 
     budget: int = 1024
     recent: int = 256
-    reindex: bool = True
+    reindex: bool = False
     name = "h2o"
     needs_scores = True
 

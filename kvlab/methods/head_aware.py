@@ -7,9 +7,9 @@ down by less than one token per head):
 
     b_class = floor(budget * n_heads * w_class / sum_h w_class(h))
 
-Local heads keep ``sinks`` + a recent window (StreamingLLM); retrieval and induction heads keep
-a recent window plus the tokens with the most accumulated attention (H2O-style, at prefill and at
-every step). Heads of one class live in their own tensors, so memory really shrinks: a layer holds
+Local heads keep ``sinks`` + a recent window (StreamingLLM, re-indexed); retrieval and induction
+heads keep a recent window plus the tokens with the most accumulated attention (H2O-style, at
+prefill and at every step, original positions). Heads of one class live in their own tensors, so memory really shrinks: a layer holds
 ``sum_h b_h`` tokens, not ``max_h b_h * n_heads``.
 
 Ablations (``assign=``): ``uniform`` — equal budgets for every class (the classes keep their
@@ -104,6 +104,7 @@ class HeadAware(Method):
                 if b < 1 or b < self.recent:
                     raise KvlabError(f"layer {layer.index}: {cls} heads get {b} tokens, fewer than recent={self.recent}; "
                                      f"raise budget or lower recent")
-                scorer = H2O(budget=b, recent=self.recent)
+                # quantized storage rotates keys at attention time, so it re-indexes for free
+                scorer = H2O(budget=b, recent=self.recent, reindex=self.bits(cls) < 16)
             groups.append(Group(heads=heads, budget=b, scorer=scorer, bits=self.bits(cls), label=cls))
         return groups

@@ -31,6 +31,11 @@ class StreamingLLM(Method):
     def capacity(self) -> int:
         return self.sinks + self.window
 
+    def runs(self, n: int) -> list[tuple[int, int]]:
+        # the sinks and the window: two slices, no top-k (score() below says the same, for storage
+        # that evicts by blocks)
+        return [(0, self.sinks), (n - self.window, n)] if self.sinks else [(n - self.window, n)]
+
     def score(self, seg: Segment) -> torch.Tensor:
         # recency, with the sinks forced in: (n,)
         s = torch.arange(seg.length, dtype=torch.float32, device=seg.device)

@@ -1,0 +1,80 @@
+"""HAQ-KV: head-aware budgets plus a KIVI bit width per head class.
+
+``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32]`` is
+:class:`~kvlab.methods.head_aware.HeadAware` (every option of ``head-aware`` works: class weights,
+``sinks``, ``recent``, ``assign=uniform|shuffled``) whose heads are stored quantized
+(:mod:`kvlab.kv_quant`): ``bits=R/I/L`` gives the width of retrieval, induction and local heads in
+that order, each one of 2, 4, 8 or 16 (16 keeps that class dense); a single number applies to every
+class. Retrieval heads copy exact tokens from far back, so they keep the most bits; local heads only
+read the last few tokens and the sinks, so they tolerate the fewest.
+
+Eviction inside a quantized group is page-level: whole blocks of ``group_size`` tokens, so a head
+holds between its budget and ``group_size - 1`` tokens more (see :mod:`kvlab.kv_quant`). The
+``residual`` most recent tokens of a head stay in full precision and are never evicted, so every
+class's budget must hold at least ``residual + group_size - 1`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kvlab.errors import KvlabError
+from kvlab.kv_quant import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup
+from kvlab.methods.base import Group, LayerInfo, positive
+from kvlab.methods.head_aware import CLASSES, HeadAware
+
+
+class ClassBits(str):
+    """The ``bits=R/I/L`` setting: a string (so the spec round-trips) called as ``bits(cls) -> int``,
+    which is the hook :meth:`HeadAware.bits` that :meth:`HeadAware.plan` uses."""
+
+    widths: dict[str, int]
+
+    def __new__(cls, text: str) -> ClassBits:
+        parts = str(text).split("/")
+        if len(parts) == 1:
+            parts = parts * len(CLASSES)
+        try:
+            widths = [int(p) for p in parts]
+        except ValueError:
+            widths = []
+        if len(widths) != len(CLASSES) or any(w not in WIDTHS for w in widths):
+            raise KvlabError(f"bits must be R/I/L (retrieval/induction/local) or one width for all, each one of "
+                             f"{', '.join(map(str, WIDTHS))} (16 = dense), e.g. bits=8/4/2; got '{text}'")
+        obj = super().__new__(cls, text)
+        obj.widths = dict(zip(CLASSES, widths))
+        return obj
+
+    def __call__(self, cls: str) -> int:
+        return self.widths[cls]
+
+
+@dataclass
+class HAQ(HeadAware):
+    """``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32, + head-aware options]``"""
+
+    bits: str = "8/4/2"  # type: ignore[assignment]  # a ClassBits after __post_init__: also bits(cls)
+    group_size: int = GROUP_SIZE
+    residual: int = RESIDUAL
+    name = "haq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.bits = ClassBits(self.bits)
+        positive("group_size", self.group_size)
+        positive("residual", self.residual, allow_zero=True)
+
+    def plan(self, layer: LayerInfo) -> list[Group]:
+        groups = []
+        for g in super().plan(layer):
+            if g.bits < 16:
+                least = self.residual + self.group_size - 1
+                if g.budget < least:
+                    raise KvlabError(f"layer {layer.index}: {g.label} heads get {g.budget} tokens, fewer than the "
+                                     f"residual + group_size - 1 = {least} they may hold in full precision; raise "
+                                     f"budget or lower residual/group_size")
+                g = QuantGroup(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)},
+                               group_size=self.group_size, residual=self.residual)
+            groups.append(g)
+        return groups
