@@ -1,0 +1,265 @@
+"""``kvlab needle | memory | latency | translate``: one evaluation grid each, rows + a table + a figure.
+
+Every command runs its grid of cells (one row each, the same rows the lab writes), prints a table,
+writes the rows to ``--out DIR/rows/<id>.json`` (default ``runs/<command>``) and the figure to
+``DIR/<command>.png``. Methods: repeated ``--method`` flags or one ``;``-separated list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvlab.cli.common import add_model_args, check_methods, load_model, split_list, split_methods
+from kvlab.errors import KvlabError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("needle", help="needle-in-a-haystack accuracy over lengths x depths")
+    _common(p, "qwen2.5-0.5b", "full")
+    p.add_argument("--lengths", default="2000,5000,10000,20000", help="context lengths in tokens")
+    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent of the filler")
+    p.add_argument("--samples", type=int, default=1, help="haystacks per (length, depth) (default 1)")
+    p.add_argument("--variant", default="passkey", help="passkey | multikey (RULER-style, distractor keys)")
+    p.add_argument("--keys", type=int, default=4, help="needles in the multikey variant (one asked)")
+    p.add_argument("--question-aware", action="store_true",
+                   help="also run with the question in the prefill the method scores")
+    p.add_argument("--data", default="pydoc", help="filler: pydoc | pg19 | wikitext-2 | PATH")
+    p.add_argument("--chunk-size", type=int, default=512, help="context tokens per forward pass")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.set_defaults(func=run_needle)
+
+    p = sub.add_parser("memory", help="KV bytes and peak process memory vs sequence length")
+    _common(p, "smollm2-135m", "full;streaming:sinks=4,window=1020")
+    p.add_argument("--lengths", default="2000,5000,10000,20000", help="sequence lengths in tokens")
+    p.add_argument("--data", default="pydoc", help="pydoc | pg19 | wikitext-2 | PATH")
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per forward pass")
+    p.set_defaults(func=run_memory)
+
+    p = sub.add_parser("latency", help="per-token decode latency vs position, and prefill time")
+    _common(p, "smollm2-135m", "full")
+    p.add_argument("--cache-sizes", default="512,1024,2048,4096",
+                   help="also run streaming caches of these sizes (tokens, sinks included); 'none' for none")
+    p.add_argument("--sinks", default="4", help="sink counts of those streaming caches, e.g. 0,4,16")
+    p.add_argument("--tokens", type=int, default=5000, help="sequence length (default 5000)")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens prefilled (timed separately)")
+    p.add_argument("--warmup", type=int, default=200, help="untimed decode steps after the prefill")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--probe-every", type=int, default=250, help="positions between timed probes")
+    p.add_argument("--probe-steps", type=int, default=16, help="timed decode steps per probe")
+    p.add_argument("--dense", action="store_true", help="time every token (slow on a CPU)")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--data", default="pydoc")
+    p.set_defaults(func=run_latency)
+
+    p = sub.add_parser("translate", help="simultaneous translation: wait-k, batch/group positions, BLEU/chrF/AL/LAAL")
+    _common(p, "qwen2.5-0.5b", "full")
+    p.add_argument("--k", default="3,5,7", help="wait-k values")
+    p.add_argument("--positions", default="batch,group", help="batch and/or group (GPE)")
+    p.add_argument("--phi", default="0", help="first target position(s) in group mode, e.g. 0,100")
+    p.add_argument("--src", default="en", help="source language code (default en)")
+    p.add_argument("--tgt", default="fr", help="target language code (default fr)")
+    p.add_argument("--data", default="newstest2014", help="newstest2014 | SRC_FILE,TGT_FILE | PATH.json")
+    p.add_argument("--max-samples", type=int, default=50)
+    p.add_argument("--max-word-tokens", type=int, default=12)
+    p.add_argument("--no-offline", action="store_true", help="skip the offline (full-sentence) upper bound")
+    p.set_defaults(func=run_translate)
+
+
+def _common(p: argparse.ArgumentParser, model: str, method: str) -> None:
+    add_model_args(p, default=model)
+    p.add_argument("--method", "--methods", dest="method", action="append",
+                   help=f"method spec(s): repeat the flag, or separate with ';' or ',' (default {method!r})")
+    p.add_argument("--out", help="output folder (default runs/<command>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(default_method=method)
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    return check_methods(split_specs(args.method or [args.default_method]))
+
+
+def split_specs(values: list[str]) -> list[str]:
+    """Method specs from repeated flags, ``;`` or commas: ``full,streaming:sinks=4,window=1020`` is two specs,
+    because a comma-separated item that is a ``key=value`` (no ``:`` before its ``=``) continues the spec before it."""
+    out: list[str] = []
+    for spec in split_methods(values):
+        for item in (i.strip() for i in spec.split(",")):
+            if not item:
+                continue
+            starts_spec = "=" not in item or (":" in item and item.index(":") < item.index("="))
+            if starts_spec or not out:
+                out.append(item)
+            else:
+                out[-1] += "," + item
+    return out
+
+
+def run_needle(args: argparse.Namespace) -> int:
+    from kvlab.evals import needle
+    from kvlab.evals.haystack import make_samples
+
+    lengths = split_list(args.lengths, int, "--lengths")
+    depths = split_list(args.depths, float, "--depths")
+    settings = [False, True] if args.question_aware else [False]
+    cells = [(m, needle.Params(length=n, depth=d, samples=args.samples, variant=args.variant, keys=args.keys,
+                               question_aware=qa, data=args.data, chunk_size=args.chunk_size,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed))
+             for m in _methods(args) for qa in settings for n in lengths for d in depths]
+
+    def check(tok: Any) -> None:  # the text is long enough for every length, before any cell runs
+        for n in sorted({min(lengths), max(lengths)}):
+            make_samples(tok, n, [0.0], args.seed, data=args.data, variant=args.variant, keys=args.keys)
+
+    return _run(args, "needle", cells, check, _needle_table)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from kvlab.evals import memory
+
+    lengths = split_list(args.lengths, int, "--lengths")
+    cells = [(m, memory.Params(tokens=n, data=args.data, chunk_size=args.chunk_size, seed=args.seed))
+             for m in _methods(args) for n in lengths]
+    return _run(args, "memory", cells, lambda tok: memory.load_ids(tok, args.data, max(lengths)), _memory_table)
+
+
+def latency_specs(cache_sizes: str, sinks: str) -> list[str]:
+    """Streaming specs for each (cache size, sink count): ``streaming:sinks=S,window=SIZE-S``."""
+    if cache_sizes.strip().lower() in ("", "none"):
+        return []
+    specs = []
+    for size in split_list(cache_sizes, int, "--cache-sizes"):
+        for s in split_list(sinks, int, "--sinks"):
+            if not 0 <= s < size:
+                raise KvlabError(f"--sinks {s} must be at least 0 and below the cache size {size}")
+            specs.append(f"streaming:sinks={s},window={size - s}")
+    return specs
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from kvlab.evals import latency, memory
+
+    every = args.probe_steps if args.dense else args.probe_every
+    params = latency.Params(tokens=args.tokens, prefill=args.prefill, warmup=args.warmup, runs=args.runs,
+                            probe_every=every, probe_steps=args.probe_steps, chunk_size=args.chunk_size,
+                            data=args.data, seed=args.seed)
+    specs = list(dict.fromkeys(_methods(args) + check_methods(latency_specs(args.cache_sizes, args.sinks))))
+    cells = [(m, params) for m in specs]
+    return _run(args, "latency", cells, lambda tok: memory.load_ids(tok, args.data, args.tokens), _latency_table)
+
+
+def run_translate(args: argparse.Namespace) -> int:
+    from kvlab.evals import translate
+    from kvlab.evals.pairs import load_pairs
+
+    ks = split_list(args.k, int, "--k")
+    positions = split_list(args.positions, str, "--positions")
+    phis = split_list(args.phi, int, "--phi")
+    base = dict(src_lang=args.src, tgt_lang=args.tgt, data=args.data, max_samples=args.max_samples,
+                max_word_tokens=args.max_word_tokens, seed=args.seed)
+    cells = []
+    for m in _methods(args):
+        if not args.no_offline:
+            cells.append((m, translate.Params(mode="offline", **base)))
+        for pos in positions:
+            for k in ks:
+                for phi in (phis if pos == "group" else [0]):
+                    cells.append((m, translate.Params(mode="waitk", k=k, positions=pos, phi=phi, **base)))
+    if not cells:
+        raise KvlabError("nothing to run: --no-offline and no wait-k cell")
+    load_pairs(args.data, args.src, args.tgt, args.max_samples)  # bad data fails before the model loads
+    return _run(args, "translate", cells, None, _translate_table)
+
+
+def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], check: Callable[[Any], Any] | None,
+         table: Callable[[list[dict]], None]) -> int:
+    from kvlab.evals import figures, get_eval
+    from kvlab.evals.common import cell_config
+    from kvlab.results import make_row, write_json_atomic
+
+    module = get_eval(name)
+    out = Path(args.out or Path("runs") / name)
+    model, tok = load_model(args)
+    if check is not None:
+        check(tok)
+    rows = []
+    for i, (method, params) in enumerate(cells, 1):
+        start = time.perf_counter()
+        metrics = module.evaluate(model, tok, method, params, progress=sys.stderr.isatty())
+        config = cell_config(args.model, method, name, params, device=args.device, dtype=args.dtype)
+        row = make_row(name, config, metrics, higher_is_better=module.HIGHER_IS_BETTER, device=str(model.device),
+                       runtime_s=time.perf_counter() - start, notes=metrics.get("note"))
+        write_json_atomic(out / "rows" / f"{row['id']}.json", row)
+        rows.append(row)
+        print(f"[{i}/{len(cells)}] {name} {method} {_point(params)} done in {row['runtime_s']:.1f}s", file=sys.stderr)
+    table(rows)
+    figure = {"needle": figures.needle_heatmap, "memory": figures.memory_figure, "latency": figures.latency_figure,
+              "translate": figures.translate_figure}[name](rows, out / f"{name}.png")
+    print(f"wrote {len(rows)} rows to {out / 'rows'} and the figure {figure}")
+    return 0
+
+
+def _point(params: Any) -> str:
+    keys = ("length", "depth", "question_aware", "tokens", "mode", "positions", "k", "phi")
+    return " ".join(f"{k}={getattr(params, k)}" for k in keys if hasattr(params, k))
+
+
+def _fmt(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value / scale, spec)
+
+
+def _needle_table(rows: list[dict]) -> None:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        p = r["config"]["params"]
+        key = f"{r['config']['method']}{' (question-aware)' if p['question_aware'] else ''} [{p['variant']}]"
+        groups.setdefault(key, []).append(r)
+    for key, part in groups.items():
+        depths = sorted({r["config"]["params"]["depth"] for r in part})
+        lengths = sorted({r["config"]["params"]["length"] for r in part})
+        acc = {(r["config"]["params"]["length"], r["config"]["params"]["depth"]): r["metrics"]["accuracy"] for r in part}
+        print(f"\nneedle accuracy: {key}")
+        print(f"{'length':>8} " + " ".join(f"{f'{d:g}%':>6}" for d in depths) + f" {'mean':>6}")
+        for n in lengths:
+            vals = [acc.get((n, d)) for d in depths]
+            ok = [v for v in vals if v is not None]
+            mean = sum(ok) / len(ok) if ok else None
+            print(f"{n:>8} " + " ".join(f"{_fmt(v):>6}" for v in vals) + f" {_fmt(mean):>6}")
+
+
+def _memory_table(rows: list[dict]) -> None:
+    print(f"{'method':<36} {'tokens':>7} {'KV MiB':>9} {'KV peak':>9} {'full MiB':>9} {'saved':>7} {'peak mem+':>10}")
+    for r in rows:
+        m = r["metrics"]
+        saved = "n/a" if m["mem_reduction_pct"] is None else f"{m['mem_reduction_pct']:.1f}%"
+        print(f"{r['config']['method']:<36} {r['config']['params']['tokens']:>7} {_fmt(m['kv_bytes'], '.1f', 2**20):>9} "
+              f"{_fmt(m['kv_bytes_peak'], '.1f', 2**20):>9} {_fmt(m['kv_bytes_full'], '.1f', 2**20):>9} {saved:>7} "
+              f"{_fmt(m['peak_mem_delta_bytes'], '.1f', 2**20):>10}" + (f"  {m['note']}" if m.get("note") else ""))
+
+
+def _latency_table(rows: list[dict]) -> None:
+    print(f"{'method':<36} {'median ms':>10} {'p90 ms':>8} {'tok/s':>7} {'first ms':>9} {'last ms':>8} "
+          f"{'growth':>7} {'prefill s':>10}")
+    for r in rows:
+        m = r["metrics"]
+        if m.get("decode_ms_median") is None:
+            print(f"{r['config']['method']:<36} {m.get('note', 'n/a')}")
+            continue
+        print(f"{r['config']['method']:<36} {m['decode_ms_median']:>10.2f} {m['decode_ms_p90']:>8.2f} "
+              f"{m['decode_tok_s']:>7.1f} {m['decode_ms'][0]:>9.2f} {m['decode_ms'][-1]:>8.2f} "
+              f"{m['latency_growth']:>7.2f} {m['prefill_s']:>10.2f}")
+
+
+def _translate_table(rows: list[dict]) -> None:
+    print(f"{'method':<28} {'mode':<8} {'positions':<10} {'k':>3} {'phi':>4} {'BLEU':>6} {'chrF':>6} {'AL':>6} "
+          f"{'LAAL':>6} {'words':>6} {'KV KiB':>8}")
+    for r in rows:
+        p, m = r["config"]["params"], r["metrics"]
+        k = "-" if p["mode"] == "offline" else p["k"]
+        print(f"{r['config']['method']:<28} {p['mode']:<8} {p['positions']:<10} {k:>3} {p['phi']:>4} {m['bleu']:>6.2f} "
+              f"{m['chrf']:>6.2f} {_fmt(m['al']):>6} {_fmt(m['laal']):>6} {m['target_words']:>6.1f} "
+              f"{m['kv_bytes_peak'] / 1024:>8.1f}")

@@ -1,0 +1,140 @@
+"""Decode latency per token as the sequence grows, and prefill time, for one method.
+
+One run (repeated ``runs`` times, a fresh cache each time) over ``tokens`` tokens of ``data``:
+
+1. prefill the first ``prefill`` tokens (``chunk_size`` per forward) — timed as ``prefill_s``;
+2. ``warmup`` single-token decode steps, not timed;
+3. up to position ``tokens``: ``probe_steps`` timed single-token steps every ``probe_every`` positions,
+   the positions in between fed ``chunk_size`` at a time (untimed, to reach long sequences quickly).
+   ``probe_every == probe_steps`` times every token (the exact per-token curve; slow on a CPU).
+
+Decode steps feed the text's next token (teacher forcing), so every method does the same work per step
+and a run is deterministic. Timings are wall-clock around the forward pass, synchronized on CUDA.
+Metrics: ``decode_ms_median`` / ``decode_ms_p90`` over every timed step of every run, ``prefill_s``
+(median over runs), and the curve ``positions`` / ``decode_ms`` (median per probe) with
+``latency_growth`` = last probe / first probe (about 1 when flat).
+
+CPU defaults (5000 tokens, probes of 16 steps every 250 positions, 3 runs) take about a minute per
+method for SmolLM2-135M on two cores; ``--dense`` times every token.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvlab.cache import make_cache
+from kvlab.device import synchronize
+from kvlab.errors import KvlabError
+from kvlab.evals.common import position_note
+from kvlab.evals.memory import load_ids
+from kvlab.stream import feed
+
+HIGHER_IS_BETTER = {"decode_ms_median": False, "decode_ms_p90": False, "prefill_s": False,
+                    "prefill_tok_s": True, "decode_tok_s": True, "latency_growth": False, "kv_bytes_peak": False}
+
+
+@dataclass
+class Params:
+    """See the module docstring; ``prefill + warmup + probe_steps <= tokens``."""
+
+    tokens: int = 5000
+    prefill: int = 512
+    warmup: int = 200
+    runs: int = 3
+    probe_every: int = 250
+    probe_steps: int = 16
+    chunk_size: int = 512
+    data: str = "pydoc"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "prefill", "runs", "probe_every", "probe_steps", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise KvlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise KvlabError(f"warmup must be >= 0, got {self.warmup}")
+        if self.probe_steps > self.probe_every:
+            raise KvlabError(f"probe_steps ({self.probe_steps}) cannot exceed probe_every ({self.probe_every})")
+        if self.prefill + self.warmup + self.probe_steps > self.tokens:
+            raise KvlabError(f"tokens ({self.tokens}) must cover prefill ({self.prefill}) + warmup ({self.warmup}) "
+                             f"+ one probe ({self.probe_steps})")
+
+
+def probe_starts(params: Params) -> list[int]:
+    """Positions where timed probes start (each lasts ``probe_steps`` tokens)."""
+    first = params.prefill + params.warmup
+    return list(range(first, params.tokens - params.probe_steps + 1, params.probe_every))
+
+
+@torch.no_grad()
+def _run(model, method: str, ids: torch.Tensor, params: Params) -> tuple[float, list[list[float]], int]:
+    """One run: ``(prefill seconds, per-probe step times in ms, peak KV bytes)``."""
+    device = model.device
+    cache = make_cache(model, method)
+    synchronize(device)
+    start = time.perf_counter()
+    feed(model, cache, ids[:, :params.prefill], params.chunk_size)
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
+    pos = params.prefill
+    for _ in range(params.warmup):
+        model(input_ids=ids[:, pos:pos + 1], past_key_values=cache, use_cache=True)
+        pos += 1
+    probes: list[list[float]] = []
+    for begin in probe_starts(params):
+        if begin > pos:  # fast-forward to the probe
+            feed(model, cache, ids[:, pos:begin], params.chunk_size)
+            pos = begin
+        times = []
+        for _ in range(params.probe_steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            model(input_ids=ids[:, pos:pos + 1], past_key_values=cache, use_cache=True)
+            synchronize(device)
+            times.append(1000.0 * (time.perf_counter() - t0))
+            pos += 1
+        probes.append(times)
+    return prefill_s, probes, cache.peak_nbytes
+
+
+def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = False) -> dict:
+    """Latency of ``method`` over ``params.tokens`` tokens; one row's metrics."""
+    ids = load_ids(tokenizer, params.data, params.tokens).to(model.device)
+    note = position_note(model, method, params.tokens)
+    if note:
+        return {"decode_ms_median": None, "decode_ms_p90": None, "prefill_s": None, "note": note}
+    prefills, runs, peak = [], [], 0
+    for _ in tqdm(range(params.runs), desc=f"latency {method}", disable=not progress, leave=False):
+        prefill_s, probes, kv_peak = _run(model, method, ids, params)
+        prefills.append(prefill_s)
+        runs.append(probes)
+        peak = max(peak, kv_peak)
+    steps = sorted(t for probes in runs for times in probes for t in times)
+    curve = [statistics.median(t for probes in runs for t in probes[j]) for j in range(len(runs[0]))]
+    median = statistics.median(steps)
+    prefill_s = statistics.median(prefills)
+    return {
+        "decode_ms_median": median,
+        "decode_ms_p90": _quantile(steps, 0.9),
+        "decode_tok_s": 1000.0 / median,
+        "prefill_s": prefill_s,
+        "prefill_tok_s": params.prefill / prefill_s,
+        "latency_growth": curve[-1] / curve[0],
+        "kv_bytes_peak": peak,
+        "timed_steps": len(steps),
+        "positions": [p + params.probe_steps // 2 for p in probe_starts(params)],
+        "decode_ms": curve,
+    }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values (numpy's default method)."""
+    x = q * (len(sorted_values) - 1)
+    lo = int(x)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (x - lo)

@@ -1,0 +1,92 @@
+"""Needle in a haystack: retrieve a pass key (or one of several keys) placed at a depth of natural text.
+
+One cell is one (length, depth): ``samples`` haystacks built by :func:`kvlab.evals.haystack.make_samples`,
+each answered greedily and graded by exact match of the first number of the answer.
+
+Two settings (``question_aware``):
+
+* ``False`` (default, question-agnostic): the context streams through the cache ``chunk_size`` tokens at
+  a time and is compressed before the question is seen — the streaming setting, and kvpress's pipeline;
+* ``True``: context and question are one prefill, so a scoring method (H2O) sees the question's
+  attention before it evicts anything (SnapKV's observation window). The prefill holds every token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvlab.cache import make_cache
+from kvlab.errors import KvlabError
+from kvlab.evals.common import position_note
+from kvlab.evals.haystack import VARIANTS, check_depths, is_correct, make_samples
+from kvlab.stream import eos_ids, feed, greedy
+
+HIGHER_IS_BETTER = {"accuracy": True, "kv_bytes_peak": False, "kv_bytes": False, "compression_ratio": True, "runtime_s": False}
+
+
+@dataclass
+class Params:
+    """``length``: context tokens; ``depth``: where the asked needle sits, percent of the filler;
+    ``samples``: haystacks per cell; ``variant``: passkey | multikey (``keys`` needles, one asked);
+    ``data``: filler text (pydoc | pg19 | wikitext-2 | PATH); ``chunk_size``: prefill tokens per forward."""
+
+    length: int = 2000
+    depth: float = 50.0
+    samples: int = 1
+    variant: str = "passkey"
+    keys: int = 4
+    question_aware: bool = False
+    data: str = "pydoc"
+    chunk_size: int = 512
+    max_new_tokens: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_depths([self.depth])
+        if self.variant not in VARIANTS:
+            raise KvlabError(f"unknown needle variant '{self.variant}'; choose from: {', '.join(VARIANTS)}")
+        for name in ("length", "samples", "chunk_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise KvlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = False) -> dict:
+    """Accuracy of ``method`` at one (length, depth); one row's metrics (accuracy None past the model's
+    positions for a method that does not re-index them)."""
+    samples = make_samples(tokenizer, params.length, [params.depth], params.seed, data=params.data,
+                           variant=params.variant, keys=params.keys, n=params.samples)
+    encoded = [(tokenizer.encode(s.context, add_special_tokens=False), tokenizer.encode(s.question, add_special_tokens=False))
+               for s in samples]
+    longest = max(len(c) + len(q) for c, q in encoded) + params.max_new_tokens
+    note = position_note(model, method, longest)
+    base = {"samples": len(samples), "context_tokens": max(s.context_tokens for s in samples),
+            "needle_depth": sum(s.needle_depth for s in samples) / len(samples)}
+    if note:
+        return {"accuracy": None, "correct": None, **base, "note": note}
+    eos = eos_ids(model, tokenizer)
+    correct, answers, peak, full, kept = 0, [], 0, 0, 0
+    start = time.perf_counter()
+    for sample, (ctx, question) in tqdm(list(zip(samples, encoded)), desc=f"needle {method}", disable=not progress,
+                                        leave=False):
+        ctx_ids = torch.tensor([ctx], device=model.device)
+        q_ids = torch.tensor([question], device=model.device)
+        cache = make_cache(model, method)
+        if params.question_aware:
+            ids = torch.cat((ctx_ids, q_ids), dim=1)
+            logits = feed(model, cache, ids, ids.shape[1])
+        else:
+            feed(model, cache, ctx_ids, params.chunk_size)
+            logits = feed(model, cache, q_ids, q_ids.shape[1])
+        tokens = list(greedy(model, cache, logits, params.max_new_tokens, eos))
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        correct += is_correct(text, sample.answer)
+        answers.append(text.strip())
+        peak, full, kept = max(peak, cache.peak_nbytes), max(full, cache.full_nbytes()), max(kept, cache.nbytes())
+    runtime = time.perf_counter() - start
+    return {"accuracy": correct / len(samples), "correct": correct, **base, "kv_bytes_peak": peak,
+            "kv_bytes": kept, "kv_bytes_full": full, "compression_ratio": 1.0 - peak / full if full else None, "runtime_s": runtime,
+            "answers": answers, "expected": [s.answer for s in samples]}

@@ -1,0 +1,312 @@
+"""KIVI-quantized KV storage for one group of heads (HAQ-KV): pure torch, any device.
+
+A :class:`QuantSegment` stores what a dense :class:`~kvlab.kv.Segment` stores, quantized the KIVI
+way (Liu et al. 2024): keys **per channel** in blocks of ``group_size`` tokens (every (head, channel)
+has a scale and zero point per block), values **per token** in groups of ``min(group_size, D)``
+channels; asymmetric, round-to-nearest, float16 scales (:mod:`kvlab.quant`). The ``residual`` most
+recent tokens stay in full precision; when the residual holds ``residual + group_size`` tokens its
+oldest ``group_size`` are quantized into the body as one block, as soon as they arrive (so a chunk's
+queries attend to the stored, quantized version of its older tokens, and memory is measured honestly).
+
+Layout (cheap tensor ops to append or drop blocks, no lists of tensors)::
+
+    kcodes, vcodes   (B, h, T, D * bits / 8)  uint8, codes packed along the channel axis
+    kscale, kzero    (B, h, T / G, D)         float16, one per block of G tokens per channel
+    vscale, vzero    (B, h, T, D / Gv)        float16, one per Gv channels per token
+    rkeys, rvalues   (B, h, r, D)             the model's dtype, full precision (r in [residual, residual + G))
+    scores           (B, h, T + r)            float32 accumulated attention, only for H2O-like scorers
+
+Positions. Keys are stored **before RoPE**: each incoming key is un-rotated from its true position
+(the j-th key of a forward is at ``seen + j``). At attention time every kept key is dequantized and
+rotated to its frame position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.kv`), which is
+exact re-indexing with no drift however often tokens are evicted. KIVI quantizes post-RoPE keys;
+quantizing pre-RoPE keys per channel is the choice of KVQuant (Hooper et al. 2024, "KVQuant: Towards
+10 Million Context Length LLM Inference with KV Cache Quantization"): RoPE mixes pairs of channels
+with a position-dependent angle, which blurs the per-channel outlier structure that per-channel
+scales exploit.
+
+Page-level eviction. Tokens of the body share key scales by block, so they leave by whole blocks.
+:meth:`compress` scores every kept token with the group's scorer (``(n,)`` or ``(B, h, n)``, body
+then residual in time order), sums the scores of each block's ``G`` tokens, and keeps the best
+``ceil((budget - r) / G)`` blocks besides the ``r`` residual tokens, which are always kept: a group
+holds between ``budget`` and ``budget + G - 1`` tokens between forward passes (rounding down instead
+would cut into a sliding window or a local head's recent window). Every block holding an ``inf``
+score (sinks, a recent window) is kept too, even past that. With StreamingLLM's recency score this
+keeps the sinks' block and the most recent blocks; with H2O's accumulated attention, each head its
+heaviest blocks. The scores are float32 bookkeeping and, as for the dense segment, not counted in
+:meth:`nbytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.errors import KvlabError
+from kvlab.kv import Rotary, _mask, keep_indices
+from kvlab.methods.base import Group
+from kvlab.quant import pack, quantize, unpack
+
+GROUP_SIZE = 32
+RESIDUAL = 32
+WIDTHS = (2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class QuantGroup(Group):
+    """A :class:`Group` stored KIVI-quantized at ``bits`` (16: dense), ``group_size`` tokens per key
+    block, ``residual`` recent tokens in full precision."""
+
+    group_size: int = GROUP_SIZE
+    residual: int = RESIDUAL
+
+    def __post_init__(self) -> None:
+        if self.bits not in WIDTHS:
+            raise KvlabError(f"bits must be one of {', '.join(map(str, WIDTHS))}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise KvlabError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise KvlabError(f"residual must be a non-negative integer, got {self.residual!r}")
+
+
+class QuantSegment:
+    """The kept tokens of one group of KV heads, quantized (see the module docstring).
+
+    Same interface as :class:`~kvlab.kv.Segment`: ``compress()``, ``append(k, v)``, ``attend(...)``,
+    ``length``, ``length_after_compress()``, ``nbytes()``, ``device``, ``scores``. ``keys`` and
+    ``values`` read as dense ``(B, h, n, D)`` tensors (keys at frame positions); they cannot be
+    assigned, except to None (clear).
+    """
+
+    def __init__(self, group: Group, rotary: Rotary | None):
+        if group.bits not in (2, 4, 8):
+            raise KvlabError(f"quantized storage needs bits 2, 4 or 8, got {group.bits}")
+        if group.budget is not None and not group.scorer.reindex:
+            raise KvlabError(f"quantized storage re-indexes kept tokens; scorer '{group.scorer.name}' "
+                             "does not allow it")
+        self.group = group
+        self.heads = torch.tensor(group.heads, dtype=torch.long)
+        self.rotary = rotary
+        self.bits = group.bits
+        self.group_size = getattr(group, "group_size", GROUP_SIZE)
+        self.residual = getattr(group, "residual", RESIDUAL)
+        self.needs_scores = group.scorer.needs_scores
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every token (the state of a fresh segment)."""
+        self.seen = 0  # tokens fed so far: the next key is at true position `seen`
+        self.kcodes = self.vcodes = self.kscale = self.kzero = self.vscale = self.vzero = None
+        self.rkeys: torch.Tensor | None = None  # (B, h, r, D) pre-RoPE
+        self.rvalues: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None  # (B, h, n) float32
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def body_length(self) -> int:
+        return 0 if self.kcodes is None else self.kcodes.shape[2]
+
+    @property
+    def residual_length(self) -> int:
+        return 0 if self.rkeys is None else self.rkeys.shape[2]
+
+    @property
+    def length(self) -> int:
+        return self.body_length + self.residual_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.rkeys.device
+
+    def length_after_compress(self) -> int:
+        keep = self._keep_blocks()
+        return self.length if keep is None else keep.shape[-1] * self.group_size + self.residual_length
+
+    def nbytes_parts(self) -> dict[str, int]:
+        """Bytes of the packed codes, of the scales and zero points, and of the full-precision residual."""
+        def size(*ts: torch.Tensor | None) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return {"codes": size(self.kcodes, self.vcodes),
+                "scales": size(self.kscale, self.kzero, self.vscale, self.vzero),
+                "residual": size(self.rkeys, self.rvalues)}
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes + scales + zero points + residual keys/values (not the scores)."""
+        return sum(self.nbytes_parts().values())
+
+    # -- dense views (tests, references) -------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.rkeys is None else self.dense()[0]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._assign(value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.rkeys is None else self.dense()[1]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._assign(value)
+
+    def _assign(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise KvlabError("quantized KV storage cannot be reordered or repeated along the batch (beam search, "
+                             "num_return_sequences > 1); use greedy or sampling, or a 16-bit method")
+        self.clear()
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a batch-axis reorder / repeat / select) to every stored tensor."""
+        for name in ("kcodes", "vcodes", "kscale", "kzero", "vscale", "vzero", "rkeys", "rvalues", "scores"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys rotated to their frame positions and values: ``(B, h, n, D)`` each."""
+        bk, bv = self._dequantized_body()
+        keys = torch.cat((bk, self.rkeys), dim=2)
+        values = torch.cat((bv, self.rvalues), dim=2)
+        if self.rotary is not None:
+            n = keys.shape[2]
+            keys = self.rotary.shift(keys, torch.arange(self.seen - n, self.seen, device=keys.device))
+        return keys, values
+
+    # -- the three steps of a forward pass ------------------------------------------------
+    def compress(self) -> None:
+        """Drop the lowest-scoring body blocks, keeping ``ceil((budget - residual) / G)`` (and forced ones)."""
+        keep = self._keep_blocks()  # (k,) or (B, h, k) block indices in time order
+        if keep is None:
+            return
+        g, body = self.group_size, self.body_length
+        offs = torch.arange(g, device=keep.device)
+        tok = (keep[..., None] * g + offs).flatten(-2)  # (k*G,) or (B, h, k*G)
+        rest = torch.arange(body, self.length, device=keep.device)
+        if keep.dim() == 1:
+            for name in ("kcodes", "vcodes", "vscale", "vzero"):
+                setattr(self, name, getattr(self, name).index_select(2, tok))
+            self.kscale, self.kzero = self.kscale.index_select(2, keep), self.kzero.index_select(2, keep)
+            if self.scores is not None:
+                self.scores = self.scores.index_select(2, torch.cat((tok, rest)))
+        else:
+            def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))
+            for name in ("kcodes", "vcodes", "vscale", "vzero"):
+                setattr(self, name, take(getattr(self, name), tok))
+            self.kscale, self.kzero = take(self.kscale, keep), take(self.kzero, keep)
+            if self.scores is not None:
+                self.scores = self.scores.gather(2, torch.cat((tok, rest.expand(*tok.shape[:2], -1)), dim=-1))
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add ``(B, h, q, D)`` new keys (rotated at their true positions) and values; quantize the
+        residual's oldest blocks once it holds ``residual + group_size`` tokens."""
+        q = key_states.shape[-2]
+        if self.rkeys is None:
+            self._start(key_states)
+        keys = key_states
+        if self.rotary is not None:
+            keys = self.rotary.shift(key_states, -torch.arange(self.seen, self.seen + q, device=key_states.device))
+        self.rkeys = torch.cat((self.rkeys, keys), dim=2)
+        self.rvalues = torch.cat((self.rvalues, value_states), dim=2)
+        self.seen += q
+        if self.needs_scores:
+            new = torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)
+            self.scores = torch.cat((self.scores, new), dim=-1)
+        blocks = (self.residual_length - self.residual) // self.group_size
+        if blocks > 0:
+            self._quantize_oldest(blocks * self.group_size)
+
+    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None,
+               block: int = 256) -> torch.Tensor:
+        """Attention of ``query (B, h*g, q, D)`` over the dequantized kept tokens (the last ``q`` of
+        which are the queries' own). Returns ``(B, h*g, q, D)``; accumulates H2O scores like
+        :meth:`kvlab.kv.Segment.attend` (mean over the group's query heads)."""
+        keys, values = self.dense()
+        q, n, h = query.shape[-2], keys.shape[2], keys.shape[1]
+        g = query.shape[1] // h
+        mask = _mask(q, n, sliding_window, query.device)  # (q, n) bool or None
+        if not self.needs_scores:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                  enable_gqa=g > 1)
+        out = torch.empty_like(query)
+        k, v = keys[:, :, None].float(), values[:, :, None].float()  # (B, h, 1, n, D)
+        qg = query.unflatten(1, (h, g)).float()  # (B, h, g, q, D)
+        for start in range(0, q, block):
+            stop = min(q, start + block)
+            logits = qg[..., start:stop, :] @ k.transpose(-1, -2) * scaling  # (B, h, g, b, n)
+            if mask is not None:
+                logits = logits.masked_fill(~mask[start:stop], -math.inf)
+            probs = logits.softmax(dim=-1)
+            out[:, :, start:stop] = (probs @ v).flatten(1, 2).to(out.dtype)
+            self.scores += probs.mean(dim=2).sum(dim=2)
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+    def _start(self, key_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.vgroup = min(self.group_size, d)
+        if (d * self.bits) % 8 or d % self.vgroup:
+            raise KvlabError(f"head_dim {d} cannot be packed at {self.bits} bits in value groups of {self.vgroup} "
+                             f"channels; choose a group_size that divides {d}")
+        dev, half = key_states.device, torch.float16
+        width = d * self.bits // 8
+        self.kcodes = torch.empty(b, h, 0, width, dtype=torch.uint8, device=dev)
+        self.vcodes = torch.empty(b, h, 0, width, dtype=torch.uint8, device=dev)
+        self.kscale = torch.empty(b, h, 0, d, dtype=half, device=dev)
+        self.kzero = torch.empty_like(self.kscale)
+        self.vscale = torch.empty(b, h, 0, d // self.vgroup, dtype=half, device=dev)
+        self.vzero = torch.empty_like(self.vscale)
+        self.rkeys = key_states.new_empty(b, h, 0, d)
+        self.rvalues = key_states.new_empty(b, h, 0, d)
+        if self.needs_scores:
+            self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=dev)
+
+    def _quantize_oldest(self, m: int) -> None:
+        """Move the residual's oldest ``m`` tokens (a multiple of G) into the body."""
+        b, h, _, d = self.rkeys.shape
+        k, v = self.rkeys[:, :, :m], self.rvalues[:, :, :m]
+        qk = quantize(k, self.bits, axis=2, group_size=self.group_size)  # codes in (B, h, D, m) order
+        kc = unpack(qk.data, self.bits, k.numel()).view(b, h, d, m).transpose(2, 3)  # (B, h, m, D)
+        qv = quantize(v, self.bits, axis=3, group_size=self.vgroup)  # codes already in (B, h, m, D) order
+        width = d * self.bits // 8
+        self.kcodes = torch.cat((self.kcodes, pack(kc.contiguous(), self.bits).view(b, h, m, width)), dim=2)
+        self.vcodes = torch.cat((self.vcodes, qv.data.view(b, h, m, width)), dim=2)
+        self.kscale = torch.cat((self.kscale, qk.scale.transpose(2, 3)), dim=2)  # (B, h, m/G, D)
+        self.kzero = torch.cat((self.kzero, qk.zero.transpose(2, 3)), dim=2)
+        self.vscale = torch.cat((self.vscale, qv.scale), dim=2)  # (B, h, m, D/Gv)
+        self.vzero = torch.cat((self.vzero, qv.zero), dim=2)
+        self.rkeys, self.rvalues = self.rkeys[:, :, m:].clone(), self.rvalues[:, :, m:].clone()
+
+    def _dequantized_body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-RoPE keys and values of the body, ``(B, h, T, D)`` in the residual's dtype."""
+        b, h, t, _ = self.kcodes.shape
+        d, g, gv = self.rkeys.shape[-1], self.group_size, self.vgroup
+        dtype = self.rkeys.dtype
+        if t == 0:
+            empty = self.rkeys.new_empty(b, h, 0, d)
+            return empty, empty
+        kc = unpack(self.kcodes, self.bits, b * h * t * d).view(b, h, t // g, g, d).float()
+        keys = kc * self.kscale.float()[:, :, :, None] + self.kzero.float()[:, :, :, None]  # (B, h, T/G, G, D)
+        vc = unpack(self.vcodes, self.bits, b * h * t * d).view(b, h, t, d // gv, gv).float()
+        values = vc * self.vscale.float()[..., None] + self.vzero.float()[..., None]  # (B, h, T, D/Gv, Gv)
+        return keys.view(b, h, t, d).to(dtype), values.view(b, h, t, d).to(dtype)
+
+    def _keep_blocks(self) -> torch.Tensor | None:
+        """Body blocks to keep, ``(k,)`` or ``(B, h, k)`` in time order; None when nothing must go."""
+        budget, n = self.group.budget, self.length
+        if budget is None or n <= budget:
+            return None
+        g, nb = self.group_size, self.body_length // self.group_size
+        room = max(0, -(-(budget - self.residual_length) // g))  # ceil: never fewer tokens than the budget
+        if nb <= room:
+            return None
+        score = self.group.scorer.score(self)  # (n,) or (B, h, n)
+        blocks = score[..., : nb * g].unflatten(-1, (nb, g)).sum(-1)  # (nb,) or (B, h, nb)
+        forced = int((blocks == math.inf).sum(-1).max()) if blocks.numel() else 0
+        k = max(room, forced)
+        return None if k >= nb else keep_indices(blocks, k)
