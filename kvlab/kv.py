@@ -182,8 +182,9 @@ class Segment:
         g = query.shape[1] // h
         mask = _mask(q, n, sliding_window, query.device)  # (q, n) bool or None
         if not self.needs_scores:
-            return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=mask,
-                                                  scale=scaling, enable_gqa=g > 1)
+            causal = mask is not None and q == n and sliding_window is None  # nothing cached: sdpa's own causal kernel
+            return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=None if causal else mask,
+                                                  is_causal=causal, scale=scaling, enable_gqa=g > 1)
         out = torch.empty_like(query)
         k = self.keys[:, :, None].float()  # (B, h, 1, n, D)
         v = self.values[:, :, None].float()

@@ -17,8 +17,8 @@ def feed(model: PreTrainedModel, cache: KVCache, ids: torch.Tensor, chunk_size: 
     Returns the last position's logits ``(1, vocab)`` (or None)."""
     logits = None
     for start, stop in _chunks(ids.shape[1], chunk_size):
-        out = model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1 if keep_last_logits else 0)
+        # logits_to_keep=0 would mean "every position" to transformers: always compute only the last
+        out = model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1] if keep_last_logits else None
         if on_chunk is not None:
             on_chunk(stop - start)

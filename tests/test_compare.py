@@ -207,7 +207,10 @@ def test_comparison_rows_layout(model, fake):
     kvlab_rows = [r for r in rows if r["config"]["implementation"] == "kvlab"]
     for r in kvlab_rows:  # the kvlab side kept exactly what kvpress's worker says it kept on the same ids
         assert r["metrics"]["kept_tokens"] == pytest.approx(r["config"]["kept_tokens"])
-        assert len(r["config"]["specs"]) == 2 and "re-indexed" in r["notes"]
+        assert len(r["config"]["specs"]) == 2 and r["notes"].startswith("kvlab: context fed 50 tokens per pass")
+    notes = {r["config"]["method"]: r["notes"] for r in kvlab_rows}
+    assert notes["streaming"].endswith("kept positions re-indexed")
+    assert notes["full"].endswith("kept positions original, as kvpress")
     assert rows[0]["versions"]["kvpress"] == "9.9"
 
 

@@ -19,6 +19,7 @@ from kvlab.errors import KvlabError
 PRESSES = "StreamingLLMPress,SnapKVPress,ObservedAttentionPress,ExpectedAttentionPress,AdaKVPress(SnapKVPress)"
 OPTIONS = ("model", "task", "ratios", "presses", "methods", "profile", "samples", "context_tokens",
            "continuation_tokens", "data", "chunk_size", "max_new_tokens", "threads", "seed", "out")
+ONLY_FOR = {"continuation_tokens": "ppl", "data": "ppl", "chunk_size": "passkey", "max_new_tokens": "passkey"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +58,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["kvlab", "compare", "kvpress"]
     for name in OPTIONS:
         value = getattr(args, name)
-        if value is not None:
+        if value is not None and ONLY_FOR.get(name, args.task) == args.task:
             parts += [f"--{name.replace('_', '-')}", str(value)]
     return shlex.join(parts + (["--full"] if args.full else []))
 

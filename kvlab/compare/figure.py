@@ -144,7 +144,7 @@ def targets_text(found: list[dict[str, Any]]) -> list[str]:
     lines = []
     for t in found:
         verdict = "met" if t["met"] else "MISSED"
-        lines.append(f"{t['target']} (ratio {t['ratio']:g}): {_fmt(t['value'], '.2f')} {t['threshold']} "
+        lines.append(f"{t['target']} (ratio {t['ratio']:g}): {_fmt(t['value'], '.3f')} {t['threshold']} "
                      f"{verdict} — {t['detail']}")
     return lines or ["no target computable: the run has none of the pairs (streaming/StreamingLLMPress, "
                      "h2o/ObservedAttentionPress, head-aware/AdaKVPress)"]

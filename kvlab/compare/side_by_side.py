@@ -20,10 +20,12 @@ prefills the whole context and compresses it once; both compress before the ques
 like the worker; peak RSS is the worker's measure (VmHWM, reset per sample) in this process.
 
 *Perplexity*, as kvpress does it: the context in one pass, compressed ONCE to the budget, the continuation scored
-in one pass on a cache that then grows without eviction (:func:`unbound` lifts every group's budget). What still
-differs: kvlab re-indexes kept tokens' positions (StreamingLLM, section 3.2), kvpress keeps the original ones;
-kvlab's H2O keeps a recent window and ranks by summed attention, kvpress's ObservedAttention by attention averaged
-over the queries that could see each token.
+in one pass on a cache that then grows without eviction (:func:`unbound` lifts every group's budget).
+
+What still differs, and is written in each kvlab row's ``notes``: kvpress keeps kept tokens at their original
+positions, kvlab's ``streaming`` re-indexes them (StreamingLLM, section 3.2; ``h2o`` keeps the original ones, and
+``head-aware`` mixes by head class); kvlab's H2O keeps a recent window and ranks by summed attention, kvpress's
+ObservedAttention by attention averaged over the queries that could see each token.
 """
 
 from __future__ import annotations
@@ -101,12 +103,17 @@ def unbound(cache: KVCache) -> None:
                 seg.group = dataclasses.replace(seg.group, budget=None)
 
 
-def accounting(cache: KVCache) -> dict[str, float]:
-    """What the cache holds: kvlab frees what it evicts, so held = effective (kvpress's AdaKV differs)."""
+def accounting(cache: KVCache) -> dict[str, Any]:
+    """What the cache holds: kvlab frees what it evicts, so held = effective (kvpress's AdaKV differs);
+    and how kept tokens are positioned (``positions``: re-indexed, original as in kvpress, or mixed by group)."""
     per_head = [n for layer in cache.kept_tokens() for n in layer]
     kept = sum(per_head) / max(len(per_head), 1)
     held = cache.nbytes()
-    return {"cache_bytes": held, "effective_cache_bytes": held, "kept_tokens": kept, "held_tokens": kept}
+    reindex = {bool(getattr(seg, "reindex", True)) for layer in cache.layers for seg in layer.segments}
+    positions = "mixed (re-indexed in some head groups)" if len(reindex) > 1 else \
+        "re-indexed" if reindex == {True} else "original, as kvpress"
+    return {"cache_bytes": held, "effective_cache_bytes": held, "kept_tokens": kept, "held_tokens": kept,
+            "positions": positions}
 
 
 def _stop_ids(model: Any) -> set:
@@ -220,7 +227,8 @@ def run_kvlab(model: Any, tokenizer: Any, task: str, samples: Sequence[kp.QASamp
                 on_record({"type": "error", "implementation": "kvlab", "press": method, "ratio": ratio, "error": error})
         metrics = kp._metrics(records, task) if records and error is None else {}  # the kvpress side's aggregation
         out.append({"implementation": "kvlab", "press": method, "ratio": ratio, "task": task, "error": error,
-                    "metrics": metrics, "samples": records, "specs": specs})
+                    "metrics": metrics, "samples": records, "specs": specs,
+                    "positions": records[0]["positions"] if records else None})
     return out
 
 
@@ -257,8 +265,10 @@ def to_rows(results: Sequence[dict[str, Any]], base: dict[str, Any], params: dic
                 metrics["answers"] = [s.get("generated_text") for s in samples]
         runtime = sum(float(s.get(k) or 0.0) for s in samples for k in ("prefill_s", "question_s", "decode_s",
                                                                           "score_s"))
+        note = "; ".join(filter(None, [(notes or {}).get(impl), res.get("positions") and
+                                       f"kept positions {res['positions']}"])) or None
         row = make_row(EVAL, config, metrics, higher_is_better=HIGHER_IS_BETTER, error=res["error"], device=device,
-                       runtime_s=runtime, notes=(notes or {}).get(impl))
+                       runtime_s=runtime, notes=note)
         if impl == "kvpress":
             row["versions"] = {**row["versions"], "kvpress": res.get("kvpress_version"),
                                "kvpress_transformers": res.get("transformers_version")}
@@ -331,10 +341,8 @@ class Comparison:
         return kp.ppl_samples(tokenizer, self.samples, self.context_tokens, self.continuation_tokens, self.data)
 
 
-KVLAB_NOTE = {"passkey": "kvlab: context fed {chunk} tokens per pass, compressed between passes and after the last; "
-                         "kept positions re-indexed",
-              "ppl": "kvlab: context in one pass, compressed once, continuation scored with no further eviction; "
-                     "kept positions re-indexed"}
+KVLAB_NOTE = {"passkey": "kvlab: context fed {chunk} tokens per pass, compressed between passes and after the last",
+              "ppl": "kvlab: context in one pass, compressed once, continuation scored with no further eviction"}
 
 
 def available_methods(methods: Sequence[str], echo: Callable[[str], None] = print) -> list[str]:
