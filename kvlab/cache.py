@@ -15,6 +15,7 @@ inside the storage (see :mod:`kvlab.kv`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -101,7 +102,9 @@ class KVLayer(CacheLayerMixin):
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for seg in self.segments:
-            if seg.keys is not None:
+            if type(seg) is not Segment:  # quantized storage reorders its own tensors
+                seg.map_batch(fn)
+            elif seg.keys is not None:
                 seg.keys, seg.values = fn(seg.keys), fn(seg.values)
                 seg.scores = None if seg.scores is None else fn(seg.scores)
 
@@ -257,5 +260,5 @@ def _cap_sliding(group: Group, window: int) -> Group:
     cap = window - 1
     if group.budget is not None and group.budget < cap:
         return group
-    return Group(heads=group.heads, budget=cap, scorer=StreamingLLM(sinks=0, window=cap), bits=group.bits,
-                 label=group.label)
+    # replace(): a subclass's fields (a QuantGroup's group_size and residual) survive the cap
+    return dataclasses.replace(group, budget=cap, scorer=StreamingLLM(sinks=0, window=cap))

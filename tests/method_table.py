@@ -26,7 +26,9 @@ TIGHT = {
     "streaming": lambda n, tmp, model: "streaming:sinks=2,window=6",
     "h2o": lambda n, tmp, model: "h2o:budget=8,recent=3",
     "head-aware": lambda n, tmp, model: f"head-aware:budget=8,profile={round_robin_profile(model, tmp)},recent=2,sinks=1,retrieval=1.5,local=0.5",
+    "haq": lambda n, tmp, model: f"haq:budget=8,profile={round_robin_profile(model, tmp)},recent=2,sinks=1,retrieval=1.5,local=0.5,bits=8/4/2,group_size=2,residual=3",
 }
 
 # tokens kept per KV head between forward passes for the TIGHT specs
-TIGHT_BUDGET = {"streaming": 8, "h2o": 8, "head-aware": 8 * 2}  # a retrieval head can take up to 2x the mean
+TIGHT_BUDGET = {"streaming": 8, "h2o": 8, "head-aware": 8 * 2,  # a retrieval head can take up to 2x the mean
+                "haq": 8 * 2}

@@ -46,8 +46,8 @@ class Params:
     prefill: int = 512
     warmup: int = 200
     runs: int = 3
-    probe_every: int = 250
-    probe_steps: int = 16
+    probe_every: int = 500
+    probe_steps: int = 8
     chunk_size: int = 512
     data: str = "pydoc"
     seed: int = 0
@@ -102,22 +102,29 @@ def _run(model, method: str, ids: torch.Tensor, params: Params) -> tuple[float, 
     return prefill_s, probes, cache.peak_nbytes
 
 
-def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = False) -> dict:
-    """Latency of ``method`` over ``params.tokens`` tokens; one row's metrics."""
-    ids = load_ids(tokenizer, params.data, params.tokens).to(model.device)
-    note = position_note(model, method, params.tokens)
-    if note:
-        return {"decode_ms_median": None, "decode_ms_p90": None, "prefill_s": None, "note": note}
-    prefills, runs, peak = [], [], 0
-    for _ in tqdm(range(params.runs), desc=f"latency {method}", disable=not progress, leave=False):
-        prefill_s, probes, kv_peak = _run(model, method, ids, params)
-        prefills.append(prefill_s)
-        runs.append(probes)
-        peak = max(peak, kv_peak)
-    steps = sorted(t for probes in runs for times in probes for t in times)
-    curve = [statistics.median(t for probes in runs for t in probes[j]) for j in range(len(runs[0]))]
+@dataclass
+class Run:
+    """One run's measurements: prefill seconds, per-probe step times (ms), peak KV bytes, wall time."""
+
+    prefill_s: float
+    probes: list[list[float]]
+    kv_bytes_peak: int
+    seconds: float
+
+
+def measure(model, method: str, ids: torch.Tensor, params: Params) -> Run:
+    """One run of ``method`` over ``ids (1, params.tokens)`` (a fresh cache)."""
+    start = time.perf_counter()
+    prefill_s, probes, peak = _run(model, method, ids, params)
+    return Run(prefill_s, probes, peak, time.perf_counter() - start)
+
+
+def summarize(runs: list[Run], params: Params) -> dict:
+    """One row's metrics from the runs of one method."""
+    steps = sorted(t for run in runs for times in run.probes for t in times)
+    curve = [statistics.median(t for run in runs for t in run.probes[j]) for j in range(len(runs[0].probes))]
     median = statistics.median(steps)
-    prefill_s = statistics.median(prefills)
+    prefill_s = statistics.median(run.prefill_s for run in runs)
     return {
         "decode_ms_median": median,
         "decode_ms_p90": _quantile(steps, 0.9),
@@ -125,11 +132,45 @@ def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = 
         "prefill_s": prefill_s,
         "prefill_tok_s": params.prefill / prefill_s,
         "latency_growth": curve[-1] / curve[0],
-        "kv_bytes_peak": peak,
+        "kv_bytes_peak": max(run.kv_bytes_peak for run in runs),
         "timed_steps": len(steps),
+        "runtime_s": sum(run.seconds for run in runs),
         "positions": [p + params.probe_steps // 2 for p in probe_starts(params)],
         "decode_ms": curve,
     }
+
+
+def not_applicable(model, method: str, params: Params) -> dict | None:
+    """The row's metrics when ``params.tokens`` is past the model's positions for ``method``, else None."""
+    note = position_note(model, method, params.tokens)
+    return {"decode_ms_median": None, "decode_ms_p90": None, "prefill_s": None, "note": note} if note else None
+
+
+def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = False) -> dict:
+    """Latency of ``method`` over ``params.tokens`` tokens (``params.runs`` runs in a row); one row's metrics."""
+    return evaluate_many(model, tokenizer, [method], params, progress=progress)[method]
+
+
+def evaluate_many(model, tokenizer, methods: list[str], params: Params, *, progress: bool = False) -> dict[str, dict]:
+    """``{method: metrics}``, the runs interleaved (run 1 of every method, then run 2, ...), so that a
+    machine whose load drifts during the measurement slows every method alike."""
+    ids = load_ids(tokenizer, params.data, params.tokens).to(model.device)
+    out: dict[str, dict] = {}
+    live = []
+    for m in methods:
+        na = not_applicable(model, m, params)
+        if na is None:
+            live.append(m)
+        else:
+            out[m] = na
+    runs: dict[str, list[Run]] = {m: [] for m in live}
+    bar = tqdm(total=params.runs * len(live), desc="latency", disable=not progress, leave=False)
+    for _ in range(params.runs):
+        for m in live:
+            runs[m].append(measure(model, m, ids, params))
+            bar.update(1)
+    bar.close()
+    return {m: out[m] if m in out else summarize(runs[m], params) for m in methods}
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
