@@ -54,3 +54,20 @@ def test_streaming_specs_for_cache_sizes_and_sinks():
     assert latency_specs("none", "4") == []
     with pytest.raises(KvlabError, match="below the cache size"):
         latency_specs("16", "16")
+
+
+def test_runs_of_several_methods_are_interleaved_and_past_positions_is_not_applicable(tiny_llama, monkeypatch):
+    calls = []
+
+    def fake_measure(model, method, ids, params):
+        calls.append(method)
+        return latency.Run(prefill_s=1.0, probes=[[1.0] * params.probe_steps] * len(latency.probe_starts(params)),
+                           kv_bytes_peak=10, seconds=2.0)
+
+    monkeypatch.setattr(latency, "measure", fake_measure)
+    params = latency.Params(tokens=1100, prefill=64, warmup=0, runs=2, probe_every=500, probe_steps=4)  # tiny: 1024
+    h2o = "h2o:budget=64,recent=8,reindex=1"
+    out = latency.evaluate_many(tiny_llama, ByteTokenizer(), ["full", "streaming:sinks=4,window=60", h2o], params)
+    assert calls == ["streaming:sinks=4,window=60", h2o] * 2
+    assert out["full"]["decode_ms_median"] is None and "not applicable" in out["full"]["note"]
+    assert out[h2o]["runtime_s"] == 4.0 and out[h2o]["latency_growth"] == 1.0

@@ -174,9 +174,11 @@ def test_parts_are_compressed_separately_and_the_source_ignores_the_target(tiny_
         assert torch.equal(a.segments[0].keys, b.segments[0].keys)
 
 
-def test_group_positions_refuse_sliding_window_layers(tiny_gemma3):
+def test_group_positions_refuse_sliding_window_layers_and_quantized_parts(tiny_gemma3, tiny_llama):
     with pytest.raises(KvlabError, match="sliding-window"):
         GroupStream(tiny_gemma3, "full")
+    with pytest.raises(KvlabError, match="16-bit methods only"):
+        GroupStream(tiny_llama, "quant:bits=4")
 
 
 def test_prompt_parts_with_and_without_chat_template():

@@ -1,4 +1,4 @@
-"""HAQ-KV and quant: quantized storage (positions, page-level eviction, bytes), specs, and the cache on tiny models."""
+"""HAQ-KV and quant: quantized storage (positions, token-level eviction, bytes), specs, and the cache on tiny models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvlab.cache import make_cache
 from kvlab.errors import KvlabError
 from kvlab.kv import Rotary, Segment
 from kvlab.kv_quant import QuantGroup, QuantSegment
-from kvlab.methods import build
+from kvlab.methods import LayerInfo, build
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
 from kvlab.quant import fake_quantize
@@ -93,51 +93,63 @@ def test_kept_keys_sit_at_frame_positions_without_drift(chunk):
     ours = _rope(q0[None], torch.tensor([203])) @ seg.keys[0, 0].T
     literal = _rope(q0[None], torch.tensor([n])) @ _rope(pre, torch.arange(n)).T
     assert torch.allclose(ours, literal, atol=1e-4)
-    # the sinks' block is the first one kept, and really holds tokens 0..3 (keys close to k0 up to 8-bit error)
-    assert torch.allclose(pre[:4], k0[0, 0, :4], atol=0.05)
+    # the sinks are the first two kept (keys close to k0 up to 8-bit error), then the window
+    assert torch.allclose(pre[:2], k0[0, 0, :2], atol=0.05) and n == 12
 
 
-# -- storage: page-level eviction ----------------------------------------------------------------
-def test_h2o_keeps_each_heads_heaviest_blocks_and_the_residual():
-    seg = _seg(H2O(budget=12, recent=2, reindex=True), budget=12)
-    seg.append(torch.randn(1, 2, 16, D, generator=torch.Generator().manual_seed(3)), _token_values(16))
-    assert (seg.body_length, seg.residual_length) == (12, 4)
+# -- storage: token-level eviction -----------------------------------------------------------------
+def test_streaming_keeps_the_same_tokens_as_the_dense_segment():
+    g = torch.Generator().manual_seed(3)
+    k0, v = torch.randn(1, 2, 40, D, generator=g), _token_values(40)
+    seg = _seg(StreamingLLM(sinks=2, window=8), budget=10)
+    dense = Segment(QuantGroup(heads=(0, 1), budget=10, scorer=StreamingLLM(sinks=2, window=8)), Rotary(INV_FREQ), True)
+    _feed(seg, k0, v, 3)
+    _feed(dense, k0, v, 3)
+    seg.compress()
+    dense.compress()
+    assert seg.values[0, 0, :, 0].tolist() == dense.values[0, 0, :, 0].tolist() == [0, 1, *range(32, 40)]
+
+
+def test_h2o_evicts_single_tokens_per_head_and_keeps_what_stays_exact():
+    seg = _seg(H2O(budget=8, recent=2), budget=8)
+    g = torch.Generator().manual_seed(4)
+    seg.append(torch.randn(1, 2, 16, D, generator=g), _token_values(16))
+    assert (seg.body_length, seg.residual_length, seg.kscale.shape[2]) == (12, 4, 3)
+    before = seg._dequantized_body()[0]
     scores = torch.zeros(1, 2, 16)
-    scores[0, 0, [0, 9]] = 5.0  # head 0: blocks 0 and 2 are heaviest
-    scores[0, 1, [5, 6]] = 2.0  # head 1: block 1, then block 2 beats block 0 by its sum
-    scores[0, 1, 10] = 1.0
+    scores[0, 0, [0, 1, 10, 11]] = 1.0  # head 0: two tokens of block 0, two of block 2
+    scores[0, 1, [4, 5, 6, 7]] = 1.0  # head 1: block 1 only
     seg.scores = scores.clone()
-    seg.compress()  # room for (12 - 4) // 4 = 2 blocks
-    kept = seg.values[0, :, :, 0]
-    assert kept[0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]
-    assert kept[1].tolist() == [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
-    assert torch.equal(seg.scores, scores.gather(2, kept.long()[None]))
+    seg.compress()  # room for 8 - 4 = 4 body tokens
+    kept = seg.values[0, :, :, 0].long()
+    assert kept.tolist() == [[0, 1, 10, 11, 12, 13, 14, 15], [4, 5, 6, 7, 12, 13, 14, 15]]
+    assert torch.equal(seg.scores, scores.gather(2, kept[None]))
+    assert seg.kscale.shape[2] == 2  # head 0 uses 2 rows (blocks 0 and 2); head 1 one (+ 1 of padding)
+    assert seg.kblock[0].tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+    after = seg._dequantized_body()[0]
+    assert torch.equal(after, before.gather(2, kept[None, :, :4, None].expand(1, 2, 4, D)))  # codes still valid
+    # the next block gets a fresh row and dequantizes like a block quantized on its own
+    oldest = seg.rkeys.clone()  # tokens 12..15, pre-RoPE: the next block
+    seg.append(torch.randn(1, 2, 4, D, generator=g), _token_values(4))
+    assert (seg.body_length, seg.kscale.shape[2]) == (8, 3)
+    assert seg.kblock[0, :, 4:].tolist() == [[2] * 4] * 2
+    fresh = fake_quantize(oldest, 8, axis=2, group_size=4)
+    assert torch.allclose(seg._dequantized_body()[0][:, :, 4:], fresh, atol=1e-6)
 
 
-def test_blocks_kept_round_up_to_the_budget():
-    """Recency: with 7 residual tokens and budget 9, ceil(2 / 4) = 1 block stays, the newest: a sliding
-    window of 9 tokens stays whole (rounding down would keep 7)."""
-    seg = _seg(StreamingLLM(sinks=0, window=9), budget=9)
-    seg.append(torch.randn(1, 2, 19, D, generator=torch.Generator().manual_seed(4)), _token_values(19))
-    assert (seg.body_length, seg.residual_length) == (12, 7)
-    assert seg.length_after_compress() == 11
+def test_without_reindexing_kept_keys_keep_their_true_positions():
+    g = torch.Generator().manual_seed(10)
+    k0 = torch.randn(1, 2, 30, D, generator=g)
+    seg = _seg(H2O(budget=10, recent=2, reindex=False), budget=10)
+    _feed(seg, k0, _token_values(30), 30)
+    seg.scores = torch.rand(1, 2, 30, generator=g)
     seg.compress()
-    assert seg.values[0, 0, :, 0].tolist() == list(range(8, 19))
-
-
-def test_sinks_block_takes_the_first_place():
-    seg = _seg(StreamingLLM(sinks=1, window=14), budget=15)
-    seg.append(torch.randn(1, 2, 19, D, generator=torch.Generator().manual_seed(4)), _token_values(19))
-    seg.compress()  # two blocks of room: the sinks' block and the newest
-    assert seg.values[0, 1, :, 0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, *range(12, 19)]
-
-
-def test_forced_blocks_are_kept_past_the_budget():
-    seg = _seg(H2O(budget=12, recent=12, reindex=True), budget=9)  # the 12 recent tokens reach blocks 1 and 2 of the body
-    seg.append(torch.randn(1, 2, 19, D, generator=torch.Generator().manual_seed(4)), _token_values(19))
-    seg.scores[..., :4] = 10.0  # block 0 is the heaviest, but only one block fits and two are forced
-    seg.compress()
-    assert seg.values[0, 0, :, 0].tolist() == list(range(4, 19))
+    kept = seg.values[0, :, :, 0].long()  # (2, 10) true positions, different per head
+    assert kept[0].tolist() != kept[1].tolist() and kept[0, -4:].tolist() == list(range(26, 30))
+    pre = torch.cat((seg._dequantized_body()[0], seg.rkeys), dim=2)[0]  # (2, 10, D)
+    for h in range(2):
+        assert torch.allclose(seg.keys[0, h], _rope(pre[h], kept[h]), atol=1e-5)
+        assert torch.allclose(pre[h], k0[0, h, kept[h]], atol=0.05)
 
 
 def test_scores_accumulate_attention_mass():
@@ -162,7 +174,8 @@ def test_nbytes_counts_codes_scales_and_residual():
         body, res = seg.body_length, seg.residual_length
         assert (body, res) == (36, 9)
         assert parts[bits]["codes"] == 2 * (2 * 2 * body * D) * bits // 8
-        assert parts[bits]["scales"] == 2 * 2 * (2 * 2 * (body // 4) * D + 2 * 2 * body * (D // 4))  # fp16 scale + zero
+        # fp16 scale + zero per key block and channel, per value token and channel group; int16 row per token
+        assert parts[bits]["scales"] == 2 * 2 * (2 * 2 * (body // 4) * D + 2 * 2 * body * (D // 4)) + 2 * 2 * 2 * body
         assert parts[bits]["residual"] == 2 * 2 * 2 * res * D * 4
         assert seg.nbytes() == sum(parts[bits].values())
     assert parts[4]["codes"] * 2 == parts[8]["codes"] and parts[2]["codes"] * 2 == parts[4]["codes"]
@@ -212,10 +225,15 @@ def test_haq_plans_each_class_at_its_width(llama, tmp_path):
     assert seen == {Segment, QuantSegment}
 
 
-def test_budget_below_the_residual_is_refused(llama, tmp_path):
-    spec = f"haq:budget=16,profile={round_robin_profile(llama, tmp_path)},bits=8/4/2,recent=2,sinks=1"
-    with pytest.raises(KvlabError, match="fewer than the residual"):
-        make_cache(llama, spec)
+def test_residual_shrinks_to_fit_a_small_budget_and_group_size_must_fit(llama, tmp_path):
+    profile = round_robin_profile(llama, tmp_path)
+    m = build(f"haq:budget=64,profile={profile},bits=8,group_size=8,residual=32")
+    m.prepare(llama)
+    groups = {g.label: g for g in m.plan(LayerInfo(index=1, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16))}
+    assert groups["local"].budget == 25 and groups["local"].residual == 25 - 8 + 1
+    assert groups["induction"].residual == 32
+    with pytest.raises(KvlabError, match="fewer than group_size - 1"):
+        make_cache(llama, f"haq:budget=16,profile={profile},bits=8/4/2,recent=2,sinks=1")
 
 
 # -- the cache on tiny models -----------------------------------------------------------------------------
@@ -262,11 +280,8 @@ def test_tight_haq_keeps_budget_and_shrinks_bytes(llama, tmp_path):
     _, dense = _logits(llama, ha, ids, 1)
     assert (out[:, :4] - full[:, :4]).abs().max() < 1e-4  # nothing quantized or evicted yet
     assert (out[:, -5:] - full[:, -5:]).abs().max() > 1e-3
-    for layer in cache.layers:
-        for seg in layer.segments:
-            assert seg.length <= seg.group.budget + 1 + 1  # + the last token + a block rounded up (G - 1)
+    assert cache.kept_tokens() == dense.kept_tokens()  # token-level eviction: the same counts as head-aware
     assert cache.nbytes() < dense.nbytes() < cache.full_nbytes()
-    assert sum(map(sum, cache.kept_tokens())) <= sum(map(sum, dense.kept_tokens())) + 2 * 2 * 2
 
 
 def test_grouped_quantized_layout_matches_masked_dense_reference(llama, tmp_path):

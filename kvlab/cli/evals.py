@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=5000, help="sequence length (default 5000)")
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens prefilled (timed separately)")
     p.add_argument("--warmup", type=int, default=200, help="untimed decode steps after the prefill")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--probe-every", type=int, default=250, help="positions between timed probes")
-    p.add_argument("--probe-steps", type=int, default=16, help="timed decode steps per probe")
+    p.add_argument("--runs", type=int, default=3, help="runs per method, interleaved across methods (default 3)")
+    p.add_argument("--probe-every", type=int, default=500, help="positions between timed probes")
+    p.add_argument("--probe-steps", type=int, default=8, help="timed decode steps per probe")
     p.add_argument("--dense", action="store_true", help="time every token (slow on a CPU)")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--data", default="pydoc")
@@ -148,8 +148,14 @@ def run_latency(args: argparse.Namespace) -> int:
                             probe_every=every, probe_steps=args.probe_steps, chunk_size=args.chunk_size,
                             data=args.data, seed=args.seed)
     specs = list(dict.fromkeys(_methods(args) + check_methods(latency_specs(args.cache_sizes, args.sinks))))
-    cells = [(m, params) for m in specs]
-    return _run(args, "latency", cells, lambda tok: memory.load_ids(tok, args.data, args.tokens), _latency_table)
+
+    def interleaved(model: Any, tok: Any, cells: list[tuple[str, Any]]):
+        results = latency.evaluate_many(model, tok, specs, params, progress=sys.stderr.isatty())
+        for method, _ in cells:
+            yield results[method], results[method].get("runtime_s")
+
+    return _run(args, "latency", [(m, params) for m in specs], lambda tok: memory.load_ids(tok, args.data, args.tokens),
+                _latency_table, interleaved)
 
 
 def run_translate(args: argparse.Namespace) -> int:
@@ -176,7 +182,9 @@ def run_translate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], check: Callable[[Any], Any] | None,
-         table: Callable[[list[dict]], None]) -> int:
+         table: Callable[[list[dict]], None], evaluate_all: Callable | None = None) -> int:
+    """Load the model, run ``cells`` (one after another, or all at once through ``evaluate_all(model, tok,
+    cells)`` yielding ``(metrics, runtime_s)`` per cell), write a row per cell, print the table, draw the figure."""
     from kvlab.evals import figures, get_eval
     from kvlab.evals.common import cell_config
     from kvlab.results import make_row, write_json_atomic
@@ -186,16 +194,23 @@ def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], chec
     model, tok = load_model(args)
     if check is not None:
         check(tok)
+
+    def one_by_one(model: Any, tok: Any, cells: list[tuple[str, Any]]):
+        for method, params in cells:
+            start = time.perf_counter()
+            metrics = module.evaluate(model, tok, method, params, progress=sys.stderr.isatty())
+            yield metrics, time.perf_counter() - start
+
     rows = []
-    for i, (method, params) in enumerate(cells, 1):
-        start = time.perf_counter()
-        metrics = module.evaluate(model, tok, method, params, progress=sys.stderr.isatty())
+    results = (evaluate_all or one_by_one)(model, tok, cells)
+    for i, ((method, params), (metrics, runtime)) in enumerate(zip(cells, results), 1):
         config = cell_config(args.model, method, name, params, device=args.device, dtype=args.dtype)
         row = make_row(name, config, metrics, higher_is_better=module.HIGHER_IS_BETTER, device=str(model.device),
-                       runtime_s=time.perf_counter() - start, notes=metrics.get("note"))
+                       runtime_s=runtime, notes=metrics.get("note"))
         write_json_atomic(out / "rows" / f"{row['id']}.json", row)
         rows.append(row)
-        print(f"[{i}/{len(cells)}] {name} {method} {_point(params)} done in {row['runtime_s']:.1f}s", file=sys.stderr)
+        took = "" if row["runtime_s"] is None else f" in {row['runtime_s']:.1f}s"
+        print(f"[{i}/{len(cells)}] {name} {method} {_point(params)} done{took}", file=sys.stderr)
     table(rows)
     figure = {"needle": figures.needle_heatmap, "memory": figures.memory_figure, "latency": figures.latency_figure,
               "translate": figures.translate_figure}[name](rows, out / f"{name}.png")

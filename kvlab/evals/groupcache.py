@@ -20,7 +20,8 @@ What this relies on in kvlab's cache: ``kvlab_attention`` hands any key tensor t
 :class:`~kvlab.cache.KVLayer` exposes ``segments`` (``keys``/``values``/``scores``, ``(B, h, n, D)``) and
 ``seen``. Of transformers: a model passes ``position_ids`` to its rotary embedding as given, and
 calls ``past_key_values.update`` then the registered attention function. Sliding-window layers are
-not supported (a window over two interleaved groups is not defined).
+not supported (a window over two interleaved groups is not defined), nor quantized segments
+(:mod:`kvlab.kv_quant`: a quantized part cannot give back its newest token).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class TargetLayer(CacheLayerMixin):
         super().__init__()
         if source.info.sliding_window is not None:
             raise KvlabError("group positions do not support sliding-window layers (e.g. Gemma-3); use batch positions")
+        if any(type(seg) is not Segment for seg in (*source.segments, *target.segments)):
+            raise KvlabError("group positions support 16-bit methods only (a quantized part cannot give back its last "
+                             "token); use batch positions for quant/haq")
         self.source, self.target = source, target
         self.info = target.info
         self.is_initialized = True

@@ -14,8 +14,14 @@ Metrics: ``decode_ms_median`` / ``decode_ms_p90`` over every timed step of every
 (median over runs), and the curve ``positions`` / ``decode_ms`` (median per probe) with
 ``latency_growth`` = last probe / first probe (about 1 when flat).
 
-CPU defaults (5000 tokens, probes of 16 steps every 250 positions, 3 runs) take about a minute per
-method for SmolLM2-135M on two cores; ``--dense`` times every token.
+:func:`evaluate_many` interleaves the runs of several methods (run 1 of each, then run 2, ...) so that
+load drifting on a shared machine slows every method alike; ``kvlab latency`` uses it.
+
+Cost: ``prefill`` + ``warmup`` + (probes x ``probe_steps``) single-token steps and a chunked fast-forward
+to ``tokens`` per run. Defaults (5000 tokens, 200 warm-up steps, probes of 8 steps every 500 positions,
+3 runs): about 5 minutes per method for SmolLM2-135M on a shared 2-core CPU (a decode step there is
+100-500 ms); ``--runs 1 --tokens 2500`` gives a first look in about a minute per method; ``--dense``
+times every token (slow on a CPU).
 """
 
 from __future__ import annotations

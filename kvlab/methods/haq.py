@@ -8,10 +8,10 @@ that order, each one of 2, 4, 8 or 16 (16 keeps that class dense); a single numb
 class. Retrieval heads copy exact tokens from far back, so they keep the most bits; local heads only
 read the last few tokens and the sinks, so they tolerate the fewest.
 
-Eviction inside a quantized group is page-level: whole blocks of ``group_size`` tokens, so a head
-holds between its budget and ``group_size - 1`` tokens more (see :mod:`kvlab.kv_quant`). The
-``residual`` most recent tokens of a head stay in full precision and are never evicted, so every
-class's budget must hold at least ``residual + group_size - 1`` tokens.
+Eviction inside a quantized group is token-level, as for dense heads (see :mod:`kvlab.kv_quant`).
+The ``residual`` most recent tokens of a head stay in full precision and are never evicted; a class
+whose budget cannot hold ``residual + group_size - 1`` tokens gets a shorter residual, ``budget -
+group_size + 1`` (so a head never holds more than its budget between forward passes).
 """
 
 from __future__ import annotations
@@ -69,12 +69,11 @@ class HAQ(HeadAware):
         groups = []
         for g in super().plan(layer):
             if g.bits < 16:
-                least = self.residual + self.group_size - 1
-                if g.budget < least:
-                    raise KvlabError(f"layer {layer.index}: {g.label} heads get {g.budget} tokens, fewer than the "
-                                     f"residual + group_size - 1 = {least} they may hold in full precision; raise "
-                                     f"budget or lower residual/group_size")
+                residual = min(self.residual, g.budget - self.group_size + 1)
+                if residual < 0:
+                    raise KvlabError(f"layer {layer.index}: {g.label} heads get {g.budget} tokens, fewer than "
+                                     f"group_size - 1 = {self.group_size - 1}; raise budget or lower group_size")
                 g = QuantGroup(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)},
-                               group_size=self.group_size, residual=self.residual)
+                               group_size=self.group_size, residual=residual)
             groups.append(g)
         return groups
