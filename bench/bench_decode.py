@@ -10,74 +10,30 @@ The full cache's update share is its plain append, so a method's compression ove
 share above the full cache's at the same cache size (the full cache at 1,024 tokens holds what the
 bounded caches hold). H2O's extra cost of computing attention probabilities (its scores) is part of its
 step time, not of its update share.
-Prints a table and writes bench/results/decode.json and bench/results/decode.md.
+Prints a table and writes bench/results/decode.json and bench/results/decode.md (``--out`` another stem).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import Inside, decode, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
-from kvlab.device import synchronize
 from kvlab.kv import Segment
-from kvlab.results import git_hash, machine, versions
-from kvlab.stream import feed
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-class UpdateTimer:
-    """Wraps Segment.push (evict + append) to add up the seconds spent in it."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._orig = Segment.push
-
-    def __enter__(self) -> UpdateTimer:
-        timer, orig = self, self._orig
-
-        def timed(seg: Segment, *args) -> None:
-            t = time.perf_counter()
-            orig(seg, *args)
-            timer.seconds += time.perf_counter() - t
-
-        Segment.push = timed  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        Segment.push = self._orig  # type: ignore[method-assign]
-
-
-@torch.no_grad()
 def measure(model, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int) -> dict:
-    cache = kvlab.make_cache(model, spec)
-    t0 = time.perf_counter()
-    logits = feed(model, cache, ids, chunk)
-    prefill = time.perf_counter() - t0
-    token = logits.argmax(-1, keepdim=True)
-    times, comp = [], []
-    with UpdateTimer() as timer:
-        for i in range(warmup + steps):
-            before = timer.seconds
-            synchronize(model.device)
-            t = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            synchronize(model.device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-                comp.append(timer.seconds - before)
-    step = statistics.median(times)
-    return {"method": spec, "context": ids.shape[1], "prefill_s": round(prefill, 2),
-            "step_ms": round(1000 * step, 2), "tokens_per_s": round(1 / step, 2),
-            "update_share": round(sum(comp) / sum(times), 4), "kv_mib": round(cache.nbytes() / 2**20, 2)}
+    cache, row = decode(model, ids, spec, steps, warmup, chunk, Inside(Segment, "push"))
+    share = row.pop("inside_share")
+    row.pop("inside_ms")
+    return {**row, "update_share": share, "kv_mib": round(cache.nbytes() / 2**20, 2)}
 
 
 def main() -> None:
@@ -89,6 +45,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=OUT / "decode", help="output stem (.json and .md are added)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,11 +68,7 @@ def main() -> None:
                      f"{100 * r['update_share']:.1f}% | {r['kv_mib']} |")
     table = "\n".join(lines)
     print(table)
-    OUT.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
-            "machine": machine(str(model.device)), "args": vars(args)}
-    (OUT / "decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (OUT / "decode.md").write_text(table + "\n")
+    write(args.out, rows, table, model, args)
 
 
 if __name__ == "__main__":

@@ -21,70 +21,23 @@ import argparse
 import json
 import os
 import re
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import Inside, decode, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
-from kvlab.device import synchronize
 from kvlab.kv_quant import QuantSegment
-from kvlab.results import git_hash, machine, versions
-from kvlab.stream import feed
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = "full;streaming:sinks=4,window=1020;head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2"
 
 
-class DequantTimer:
-    """Wraps QuantSegment.dense to add up the seconds spent dequantizing and rotating."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._orig = QuantSegment.dense
-
-    def __enter__(self) -> DequantTimer:
-        timer, orig = self, self._orig
-
-        def timed(seg: QuantSegment):
-            t = time.perf_counter()
-            out = orig(seg)
-            timer.seconds += time.perf_counter() - t
-            return out
-
-        QuantSegment.dense = timed  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        QuantSegment.dense = self._orig  # type: ignore[method-assign]
-
-
-@torch.no_grad()
 def measure(model, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int) -> dict:
-    cache = kvlab.make_cache(model, spec)
-    t0 = time.perf_counter()
-    logits = feed(model, cache, ids, chunk)
-    prefill = time.perf_counter() - t0
-    token = logits.argmax(-1, keepdim=True)
-    times, deq = [], []
-    with DequantTimer() as timer:
-        for i in range(warmup + steps):
-            before = timer.seconds
-            synchronize(model.device)
-            t = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            synchronize(model.device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-                deq.append(timer.seconds - before)
-    step = statistics.median(times)
-    return {"method": spec, "context": ids.shape[1], "prefill_s": round(prefill, 2), "step_ms": round(1000 * step, 2),
-            "tokens_per_s": round(1 / step, 2), "dequant_ms": round(1000 * statistics.median(deq), 2),
-            "dequant_share": round(sum(deq) / sum(times), 4), "kv_bytes": cache.nbytes(),
-            "kv_bytes_peak": cache.peak_nbytes, "kv_bytes_full": cache.full_nbytes()}
+    cache, row = decode(model, ids, spec, steps, warmup, chunk, Inside(QuantSegment, "dense"))
+    return {**row, "dequant_ms": row.pop("inside_ms"), "dequant_share": row.pop("inside_share"),
+            "kv_bytes": cache.nbytes(), "kv_bytes_peak": cache.peak_nbytes, "kv_bytes_full": cache.full_nbytes()}
 
 
 def table(rows: list[dict]) -> str:
@@ -143,12 +96,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     text = table(rows)
     print(text)
-    stem = Path(args.output)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
-            "machine": machine(str(model.device)), "args": vars(args)}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text + "\n")
+    write(Path(args.output), rows, text, model, args)
 
 
 if __name__ == "__main__":

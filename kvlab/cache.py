@@ -76,7 +76,7 @@ class KVLayer(CacheLayerMixin):
         self.last_q = key_states.shape[-2]
         self.seen += self.last_q
         if self.single:
-            keys, values = self.segments[0].keys, self.segments[0].values
+            keys, values = self.segments[0].stored()  # as stored: a turned ring is read without a mask
         else:  # only kvlab_attention can read a multi-group layer: give sdpa nothing it could misuse
             keys = values = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
         keys.__dict__[_TAG] = self

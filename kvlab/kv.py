@@ -10,6 +10,13 @@ query at true position ``seen + j`` then sees each kept key at distance ``n + j 
 distance it would have if every token's position were its index in the cache (StreamingLLM,
 section 3.2), because RoPE attention depends only on the difference of positions. Only keys
 that precede an evicted token move, so for StreamingLLM only the sinks are re-rotated.
+
+Ring. In the steady state of a positional method (StreamingLLM: one token in, the oldest of the
+window out) a decode step writes the new token over the evicted one in place and re-rotates the
+sinks: no copy of the cache. The window is then stored as a ring (``_start`` where it begins,
+``_head`` its oldest slot); a single query needs no mask and attention does not depend on the
+order of the keys, so decode reads the ring as it is. Everything else (``keys``/``values``, chunks
+of several tokens, scorers) sees time order: reading them rolls the ring back first (one copy).
 """
 
 from __future__ import annotations
@@ -69,19 +76,54 @@ class Segment:
         self.rotary = rotary
         self.reindex = reindex and rotary is not None
         self.needs_scores = group.scorer.needs_scores
-        self.keys: torch.Tensor | None = None  # (B, h, n, D)
-        self.values: torch.Tensor | None = None  # (B, h, n, D)
+        self._k: torch.Tensor | None = None  # (B, h, n, D), in time order unless the ring has turned
+        self._v: torch.Tensor | None = None  # (B, h, n, D)
+        self._start, self._head = 0, 0  # the ring: the window begins at _start, its oldest slot is _start + _head
         self.scores: torch.Tensor | None = None  # (B, h, n) float32, accumulated attention
         self.pending = 0  # tokens appended in the current forward pass (no score yet)
 
     # -- state ---------------------------------------------------------------------------
     @property
+    def keys(self) -> torch.Tensor | None:
+        """Kept keys ``(B, h, n, D)`` in time order, at their frame positions."""
+        self._unroll()
+        return self._k
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._unroll()
+        self._k = t
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Kept values ``(B, h, n, D)`` in time order."""
+        self._unroll()
+        return self._v
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._unroll()
+        self._v = t
+
+    def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Keys and values as stored (the window may be a turned ring): for attention without a mask."""
+        return self._k, self._v
+
+    def _unroll(self) -> None:
+        """Put a turned ring back in time order (one copy)."""
+        if self._head:
+            a, h = self._start, self._start + self._head
+            self._k = torch.cat((self._k[:, :, :a], self._k[:, :, h:], self._k[:, :, a:h]), dim=2)
+            self._v = torch.cat((self._v[:, :, :a], self._v[:, :, h:], self._v[:, :, a:h]), dim=2)
+            self._head = 0
+
+    @property
     def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self._k is None else self._k.shape[-2]
 
     @property
     def device(self) -> torch.device:
-        return self.keys.device
+        return self._k.device
 
     def length_after_compress(self) -> int:
         budget = self.group.budget
@@ -89,9 +131,9 @@ class Segment:
 
     def nbytes(self) -> int:
         """Bytes held by the kept keys and values."""
-        if self.keys is None:
+        if self._k is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
     # -- the steps of a forward pass --------------------------------------------------------
     def push(self, key_states: torch.Tensor | None = None, value_states: torch.Tensor | None = None) -> None:
@@ -105,6 +147,8 @@ class Segment:
         if self.needs_scores and q:
             newscore = [torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)]
         budget, n = self.group.budget, self.length
+        if q == 1 and self._turn(key_states, value_states):
+            return
         if self.keys is None:
             if new:
                 self.keys, self.values = key_states, value_states
@@ -142,6 +186,30 @@ class Segment:
                         self.keys[..., :moved, :] = self.rotary.shift(self.keys[..., :moved, :], delta[..., :moved])
         self.pending = q
 
+    def _turn(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """The ring step: when one new token evicts exactly the oldest token after a fixed prefix (the
+        sinks), write it in that token's slot and re-rotate the prefix by one position. False (nothing
+        done) in any other case."""
+        budget, n = self.group.budget, self.length
+        if budget is None or n != budget + 1 or self.scores is not None:
+            return False
+        runs = self.group.scorer.runs(n)
+        start = 0 if runs is None or len(runs) == 1 else runs[0][1]
+        if runs is None or runs[-1] != (start + 1, n) or (len(runs) == 2 and runs[0][0] != 0) or len(runs) > 2:
+            return False
+        if start != self._start:
+            self._unroll()
+            self._start = start
+        slot = start + self._head
+        self._k[:, :, slot] = key[:, :, 0]
+        self._v[:, :, slot] = value[:, :, 0]
+        self._head = (self._head + 1) % (n - start)
+        if self.reindex and start:
+            one = torch.ones(start, device=self._k.device)
+            self._k[:, :, :start] = self.rotary.shift(self._k[:, :, :start], one)
+        self.pending = 1
+        return True
+
     def _reindex_runs(self, runs: list[tuple[int, int]], evicted: int) -> None:
         """Re-rotate the kept runs: run ``(a, b)`` landing at index ``j0`` moves by ``evicted - (a - j0)``."""
         j0 = 0
@@ -178,26 +246,37 @@ class Segment:
         ``(q, n)`` probability matrix never exists for more than ``block`` queries.
         """
         q, n = query.shape[-2], self.length
-        h = self.keys.shape[1]
+        h = self._k.shape[1]
         g = query.shape[1] // h
         mask = _mask(q, n, sliding_window, query.device)  # (q, n) bool or None
         if not self.needs_scores:
             causal = mask is not None and q == n and sliding_window is None  # nothing cached: sdpa's own causal kernel
-            return F.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=None if causal else mask,
+            keys, values = self.stored() if mask is None else (self.keys, self.values)  # no mask: any order
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=None if causal else mask,
                                                   is_causal=causal, scale=scaling, enable_gqa=g > 1)
-        out = torch.empty_like(query)
-        k = self.keys[:, :, None].float()  # (B, h, 1, n, D)
-        v = self.values[:, :, None].float()
-        qg = query.unflatten(1, (h, g)).float()  # (B, h, g, q, D)
-        for start in range(0, q, block):
-            stop = min(q, start + block)
-            logits = qg[..., start:stop, :] @ k.transpose(-1, -2) * scaling  # (B, h, g, b, n)
-            if mask is not None:
-                logits = logits.masked_fill(~mask[start:stop], -math.inf)
-            probs = logits.softmax(dim=-1)
-            out[:, :, start:stop] = (probs @ v).flatten(1, 2).to(out.dtype)
-            self.scores += probs.mean(dim=2).sum(dim=2)  # mean over the group's query heads
-        return out
+        return scored_attention(query, self.keys, self.values, self.scores, mask, scaling, block)
+
+
+def scored_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                     mask: torch.Tensor | None, scaling: float, block: int = 256) -> torch.Tensor:
+    """Attention of ``query (B, h*g, q, D)`` over ``keys``/``values (B, h, n, D)`` that also adds each key's
+    attention probability (summed over the queries, mean over a KV head's ``g`` query heads) to ``scores
+    (B, h, n)`` in place: H2O's accumulated attention. ``mask (q, n)`` bool (True = attend) or None. Queries
+    go ``block`` at a time, so the ``(q, n)`` probabilities never exist for more than ``block`` queries."""
+    h = keys.shape[1]
+    g, q = query.shape[1] // h, query.shape[-2]
+    out = torch.empty_like(query)
+    k, v = keys[:, :, None].float(), values[:, :, None].float()  # (B, h, 1, n, D)
+    qg = query.unflatten(1, (h, g)).float()  # (B, h, g, q, D)
+    for start in range(0, q, block):
+        stop = min(q, start + block)
+        logits = qg[..., start:stop, :] @ k.transpose(-1, -2) * scaling  # (B, h, g, b, n)
+        if mask is not None:
+            logits = logits.masked_fill(~mask[start:stop], -math.inf)
+        probs = logits.softmax(dim=-1)
+        out[:, :, start:stop] = (probs @ v).flatten(1, 2).to(out.dtype)
+        scores += probs.mean(dim=2).sum(dim=2)
+    return out
 
 
 def _runs(keep: torch.Tensor, most: int = 8) -> list[tuple[int, int]] | None:

@@ -42,14 +42,13 @@ The scores are float32 bookkeeping and, as for the dense segment, not counted in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
-from kvlab.kv import Rotary, _mask, keep_indices
+from kvlab.kv import Rotary, _mask, keep_indices, scored_attention
 from kvlab.methods.base import Group
 from kvlab.quant import pack, quantize, unpack
 
@@ -237,18 +236,7 @@ class QuantSegment:
         if not self.needs_scores:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
                                                   enable_gqa=g > 1)
-        out = torch.empty_like(query)
-        k, v = keys[:, :, None].float(), values[:, :, None].float()  # (B, h, 1, n, D)
-        qg = query.unflatten(1, (h, g)).float()  # (B, h, g, q, D)
-        for start in range(0, q, block):
-            stop = min(q, start + block)
-            logits = qg[..., start:stop, :] @ k.transpose(-1, -2) * scaling  # (B, h, g, b, n)
-            if mask is not None:
-                logits = logits.masked_fill(~mask[start:stop], -math.inf)
-            probs = logits.softmax(dim=-1)
-            out[:, :, start:stop] = (probs @ v).flatten(1, 2).to(out.dtype)
-            self.scores += probs.mean(dim=2).sum(dim=2)
-        return out
+        return scored_attention(query, keys, values, self.scores, mask, scaling, block)
 
     # -- internals ---------------------------------------------------------------------------
     def _start(self, key_states: torch.Tensor) -> None:

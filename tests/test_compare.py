@@ -21,6 +21,7 @@ from kvlab.compare import kvpress as kp
 from kvlab.compare import side_by_side as sbs
 from kvlab.errors import KvlabError
 from kvlab.lab.frame import rows_frame
+from kvlab.lab.plots import plot_all
 from kvlab.methods import build
 from kvlab.stream import feed
 from profiles import round_robin_profile
@@ -278,6 +279,9 @@ def test_table_markdown_and_figure(tmp_path):
     assert (tmp_path / "implementation_comparison.png").stat().st_size > 10_000
     md = (tmp_path / "implementation_comparison.md").read_text()
     assert "kvlab compare kvpress --x 1" in md and "| 0.5 | kvlab | streaming |" in md and "## Targets" in md
+    drawn = plot_all(rows, tmp_path / "plot", echo=lambda _m: None, only=["implementation_comparison"], dpi=30,
+                     formats=("png",))  # `kvlab plot` draws it from a store's rows too
+    assert list(drawn.written) == ["implementation_comparison"]
 
 
 # --- the command ------------------------------------------------------------------------------------------------

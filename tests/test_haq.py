@@ -17,24 +17,9 @@ from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
 from kvlab.quant import fake_quantize
 from profiles import round_robin_profile
-
-D = 8
-INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-
-
-def _rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Reference RoPE (rotate_half convention) at absolute positions ``pos (n,)``."""
-    ang = pos.float()[:, None] * INV_FREQ
-    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
-    return x * cos + torch.cat((-x[..., D // 2:], x[..., : D // 2]), -1) * sin
-
-
-def _feed(seg, k0: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
-    """Append pre-RoPE keys ``k0 (B, h, T, D)`` rotated at their true positions, a chunk at a time."""
-    for s in range(0, k0.shape[2], chunk):
-        e = min(k0.shape[2], s + chunk)
-        seg.compress()
-        seg.append(_rope(k0[:, :, s:e], torch.arange(s, e)), v[:, :, s:e])
+from references import D, INV_FREQ, masked_dense_attention
+from references import feed as _feed
+from references import rope as _rope
 
 
 def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=True) -> QuantSegment:
@@ -292,15 +277,7 @@ def test_grouped_quantized_layout_matches_masked_dense_reference(llama, tmp_path
     kv, g, d = layer.info.num_kv_heads, layer.info.num_heads // layer.info.num_kv_heads, layer.info.head_dim
     query = torch.randn(1, kv * g, 1, d, generator=torch.Generator().manual_seed(1))
     ours = layer.attend(query, d ** -0.5, None)
-    per_head = {h: (s.keys[0, i], s.values[0, i]) for s in layer.segments for i, h in enumerate(s.group.heads)}
-    longest = max(k.shape[0] for k, _ in per_head.values())
-    keys, values = torch.zeros(kv, longest, d), torch.zeros(kv, longest, d)
-    valid = torch.zeros(kv, longest, dtype=torch.bool)
-    for h, (k, v) in per_head.items():
-        keys[h, : k.shape[0]], values[h, : k.shape[0]], valid[h, : k.shape[0]] = k, v, True
-    keys, values, valid = (t.repeat_interleave(g, dim=0) for t in (keys, values, valid))
-    logits = (query[0] @ keys.transpose(1, 2)) * d ** -0.5
-    ref = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1) @ values
+    ref = masked_dense_attention(layer, query)
     assert torch.allclose(ours[0], ref, atol=1e-5)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from kvlab.cache import make_cache
 from kvlab.errors import KvlabError
 from kvlab.methods import build
 from profiles import round_robin_profile
+from references import masked_dense_attention
 
 
 @pytest.fixture()
@@ -50,16 +50,7 @@ def test_grouped_layout_matches_masked_dense_reference(llama, tmp_path):
     query = torch.randn(1, kv * g, 1, d, generator=torch.Generator().manual_seed(1))
     ours = layer.attend(query, d ** -0.5, None)
     # dense reference: every head padded to the longest, padding masked out
-    per_head = {h: (s.keys[0, i], s.values[0, i]) for s in layer.segments for i, h in enumerate(s.group.heads)}
-    longest = max(k.shape[0] for k, _ in per_head.values())
-    keys = torch.zeros(kv, longest, d)
-    values = torch.zeros(kv, longest, d)
-    valid = torch.zeros(kv, longest, dtype=torch.bool)
-    for h, (k, v) in per_head.items():
-        keys[h, : k.shape[0]], values[h, : k.shape[0]], valid[h, : k.shape[0]] = k, v, True
-    keys, values, valid = (t.repeat_interleave(g, dim=0) for t in (keys, values, valid))
-    logits = (query[0] @ keys.transpose(1, 2)) * d ** -0.5
-    ref = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1) @ values
+    ref = masked_dense_attention(layer, query)
     assert torch.allclose(ours[0], ref, atol=1e-5)
 
 

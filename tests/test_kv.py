@@ -9,25 +9,9 @@ from kvlab.kv import Rotary, Segment, _mask, keep_indices
 from kvlab.methods.base import Group
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
-
-D = 8
-INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-
-
-def _rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Reference RoPE (transformers' rotate_half convention) at absolute positions ``pos (n,)``."""
-    ang = pos.float()[:, None] * INV_FREQ
-    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
-    return x * cos + torch.cat((-x[..., D // 2:], x[..., : D // 2]), -1) * sin
-
-
-def _feed(seg: Segment, k0: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
-    """Append pre-RoPE keys ``k0 (1, h, T, D)`` rotated at their true positions, a chunk at a time."""
-    total = k0.shape[2]
-    for s in range(0, total, chunk):
-        e = min(total, s + chunk)
-        seg.compress()
-        seg.append(_rope(k0[:, :, s:e], torch.arange(s, e)), v[:, :, s:e])
+from references import D, INV_FREQ
+from references import feed as _feed
+from references import rope as _rope
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
@@ -42,6 +26,38 @@ def test_streaming_keeps_sinks_and_window_and_reindexes(chunk):
     # the key at cache index i sits at frame position seen - n + i
     frame = torch.arange(40 - 6, 40)
     assert torch.allclose(seg.keys, _rope(k0[:, :, kept], frame), atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_decode_steps_turn_a_ring_in_place_and_read_back_in_time_order(sinks):
+    """One token in, the oldest window token out: written in its slot (no copy), sinks re-rotated; attention
+    over the ring as stored equals attention over time order; a later chunk unrolls it first."""
+    g = torch.Generator().manual_seed(5)
+    k0, v = torch.randn(1, 2, 46, D, generator=g), torch.randn(1, 2, 46, D, generator=g)
+    seg = Segment(Group(heads=(0, 1), budget=sinks + 4, scorer=StreamingLLM(sinks=sinks, window=4)),
+                  Rotary(INV_FREQ), True)
+    seg.push(_rope(k0[:, :, :10], torch.arange(10)), v[:, :, :10])
+    buffer = None
+    for t in range(10, 40):
+        seg.push(_rope(k0[:, :, t:t + 1], torch.tensor([t])), v[:, :, t:t + 1])
+        buffer = seg.stored()[0] if t == 11 else buffer
+    assert seg._head != 0 and seg.stored()[0] is buffer  # turned in place since step 2
+    query = torch.randn(1, 2, 1, D, generator=g)
+    ours = seg.attend(query, 0.5, None)
+    assert seg._head != 0  # attention read the ring as stored
+    kept = [*range(sinks), *range(35, 40)]
+    expected_keys = _rope(k0[:, :, kept], torch.arange(40 - len(kept), 40))
+    assert torch.allclose(seg.keys, expected_keys, atol=1e-5) and torch.equal(seg.values, v[:, :, kept])
+    assert seg._head == 0  # reading keys unrolled it
+    reference = torch.nn.functional.scaled_dot_product_attention(query, expected_keys, v[:, :, kept], scale=0.5)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    for t in range(40, 43):  # turn again, then a chunk of three: the general path sees time order
+        seg.push(_rope(k0[:, :, t:t + 1], torch.tensor([t])), v[:, :, t:t + 1])
+    assert seg._head != 0
+    seg.push(_rope(k0[:, :, 43:46], torch.arange(43, 46)), v[:, :, 43:46])
+    kept = [*range(sinks), *range(39, 46)]
+    assert torch.equal(seg.values, v[:, :, kept])
+    assert torch.allclose(seg.keys, _rope(k0[:, :, kept], torch.arange(46 - len(kept), 46)), atol=1e-5)
 
 
 def test_frame_distances_equal_literal_reindexing():

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kvlab.lab.plotting import OKABE_ITO, NoData, color
+from kvlab.lab.plotting import NoData, color
 
 EVAL = "compare_kvpress"
 ANALOGUE = {"StreamingLLMPress": "streaming", "ObservedAttentionPress": "h2o", "AdaKVPress": "head-aware",

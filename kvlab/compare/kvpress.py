@@ -256,7 +256,7 @@ def summarize(hello: dict[str, Any], records: Sequence[dict[str, Any]], task: st
     for (press, ratio), group in groups.items():
         results = [r for r in group if r["type"] == "result"]
         errors = [r["error"] for r in group if r["type"] == "error"]
-        metrics = _metrics(results, task) if results and not errors else {}
+        metrics = aggregate(results, task) if results and not errors else {}
         if results:
             metrics["note"] = (f"kvpress {hello.get('kvpress')}, transformers {hello.get('transformers')}, "
                                f"attention {results[0].get('attn_implementation')}, {len(results)} samples")
@@ -266,7 +266,9 @@ def summarize(hello: dict[str, Any], records: Sequence[dict[str, Any]], task: st
     return out
 
 
-def _metrics(results: list[dict], task: str) -> dict[str, Any]:
+def aggregate(results: list[dict], task: str) -> dict[str, Any]:
+    """The metrics of one (press, ratio) from its per-sample records (the worker's or kvlab's): means of
+    accuracy or perplexity, timings, kept tokens and bytes."""
     def mean(key: str) -> float:
         return sum(float(r[key]) for r in results) / len(results)
 

@@ -75,7 +75,7 @@ def _version(package: str) -> str:
         return "?"
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where Linux does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -85,7 +85,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """Peak resident memory of this process since the last reset (VmHWM), else since it started."""
     try:
         with open("/proc/self/status") as fh:
@@ -280,13 +280,13 @@ def serve(request: dict, emit: Any) -> None:
                     warmed.add(attn)
                 for i, sample in enumerate(request["samples"]):
                     _clear_masks(model)
-                    reset = _reset_peak_rss()
+                    reset = reset_peak_rss()
                     if request["task"] == "qa":
                         record = run_qa(torch, model, tokenizer, press, sample, int(request.get("max_new_tokens", 16)))
                     else:
                         record = run_ppl(torch, model, press, sample)
                     emit({"type": "result", "press": name, "ratio": ratio, "sample": i, "attn_implementation": attn,
-                          **record, "peak_rss_bytes": _peak_rss_bytes(), "peak_rss_scope": "sample" if reset else "process"})
+                          **record, "peak_rss_bytes": peak_rss_bytes(), "peak_rss_scope": "sample" if reset else "process"})
         except Exception as exc:  # noqa: BLE001 - one failing press is reported and the others still run
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             emit({"type": "error", "press": name, "ratio": ratio, "error": f"{type(exc).__name__}: {text}".rstrip(": ")})

@@ -1,11 +1,30 @@
-"""Small pieces the evaluations share: position limits, and the row config of one cell."""
+"""Small pieces the evaluations share: position limits, the settings of a token stream, the row config of one cell."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from kvlab.errors import KvlabError
 from kvlab.methods import Method, build
+
+
+@dataclasses.dataclass
+class StreamParams:
+    """A stream of ``tokens`` tokens of ``data`` (pydoc | wikitext-2 | wikitext-103 | pg19 | PATH) fed through
+    the cache ``chunk_size`` tokens per forward pass (1 = exact token-by-token streaming). Evaluations subclass
+    it with their own defaults."""
+
+    data: str = "pydoc"
+    tokens: int = 2048
+    chunk_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens < 2:
+            raise KvlabError(f"tokens must be at least 2, got {self.tokens}")
+        if self.chunk_size < 1:
+            raise KvlabError(f"chunk_size must be at least 1, got {self.chunk_size}")
 
 
 def max_positions(model: Any) -> int | None:

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from kvlab.cache import layer_infos, make_cache
 from kvlab.data import load_text, tokenize
-from kvlab.errors import KvlabError
-from kvlab.evals.common import position_note
+from kvlab.evals.common import StreamParams, position_note
 from kvlab.evals.peakmem import PeakMemory
 from kvlab.stream import feed
 
@@ -35,20 +34,12 @@ HIGHER_IS_BETTER = {"kv_bytes": False, "kv_bytes_peak": False, "mem_reduction_pc
 
 
 @dataclass
-class Params:
+class Params(StreamParams):
     """``tokens``: sequence length streamed; ``data``: pydoc | pg19 | wikitext-2 | PATH; ``chunk_size``: tokens
     per forward."""
 
     tokens: int = 2000
-    data: str = "pydoc"
     chunk_size: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.tokens < 2:
-            raise KvlabError(f"tokens must be at least 2, got {self.tokens}")
-        if self.chunk_size < 1:
-            raise KvlabError(f"chunk_size must be at least 1, got {self.chunk_size}")
 
 
 def full_kv_bytes(model, tokens: int, chunk_size: int) -> int:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from kvlab.cache import make_cache
 from kvlab.data import load_text, tokenize
 from kvlab.device import synchronize
-from kvlab.errors import KvlabError
+from kvlab.evals.common import StreamParams
 from kvlab.stream import nll_stream
 
 HIGHER_IS_BETTER = {"ppl": False, "nll": False, "tokens_per_s": True, "kv_bytes_peak": False,
@@ -19,20 +19,9 @@ HIGHER_IS_BETTER = {"ppl": False, "nll": False, "tokens_per_s": True, "kv_bytes_
 
 
 @dataclass
-class Params:
-    """``data``: pydoc | wikitext-2 | wikitext-103 | pg19 | PATH; ``tokens``: how many to score;
-    ``chunk_size``: tokens per forward pass (1 = exact token-by-token streaming)."""
-
-    data: str = "pydoc"
-    tokens: int = 2048
-    chunk_size: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.tokens < 2:
-            raise KvlabError(f"tokens must be at least 2, got {self.tokens}")
-        if self.chunk_size < 1:
-            raise KvlabError(f"chunk_size must be at least 1, got {self.chunk_size}")
+class Params(StreamParams):
+    """The stream scored (:class:`~kvlab.evals.common.StreamParams`): ``tokens`` tokens of ``data``,
+    ``chunk_size`` per forward pass."""
 
 
 def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = False) -> dict:

@@ -133,7 +133,7 @@ class HeadProfile:
         the exact fingerprint when the dtype is the same, the weight signature across dtypes)."""
         shape = model_shape(model)
         mine = (self.num_layers, self.num_kv_heads, self.num_attention_heads)
-        redo = f"run 'kvlab heads profile --model <this model>' to make one for it"
+        redo = "run 'kvlab heads profile --model <this model>' to make one for it"
         if shape != mine:
             raise KvlabError(f"head profile of '{self.model}' is for {mine[0]} layers x {mine[1]} KV heads "
                              f"({mine[2]} query heads), but the model has {shape[0]} x {shape[1]} ({shape[2]}); {redo}")

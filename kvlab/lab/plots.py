@@ -10,6 +10,8 @@ memory_vs_length       peak KV memory vs context length, one line per method
 quality_vs_budget      quality vs ``budget``, one line per method, the full cache dashed
 needle_heatmap         needle accuracy over context length x depth, one panel per method
 head_class_map         the head classes of a profile named by a row's method spec (``profile=FILE``)
+implementation_        kvlab vs kvpress at the same kept tokens (rows of ``kvlab compare kvpress``):
+comparison             quality, prefill, decode speed, cache held, peak RSS (:mod:`kvlab.compare.figure`)
 =====================  ==========================================================================
 
 A figure whose data the rows do not hold is skipped with the reason; nothing is invented.
@@ -31,6 +33,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from kvlab.compare.figure import implementation_comparison
 from kvlab.lab.frame import rows_frame, short, varying
 from kvlab.lab.plotting import (DPI, OKABE_ITO, STYLE, NoData, color, first_column, group_label, ok_rows, save,
                                 series, series_name, spec_colors, specs_of)
@@ -268,6 +271,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
     "main_comparison": main_comparison, "ablation_window_size": ablation_window_size,
     "ablation_n_sink": ablation_n_sink, "results_summary": results_summary, "memory_vs_length": memory_vs_length,
     "quality_vs_budget": quality_vs_budget, "needle_heatmap": needle_heatmap, "head_class_map": head_class_map,
+    "implementation_comparison": implementation_comparison,
 }
 
 

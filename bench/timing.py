@@ -1,0 +1,80 @@
+"""What the decode benchmarks share: a prefill then timed greedy decode steps through a method's cache,
+with the seconds spent inside one storage method (cache update, dequantization) added up per step."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kvlab
+from kvlab.device import synchronize
+from kvlab.results import git_hash, machine, versions
+from kvlab.stream import feed
+
+
+class Inside:
+    """While in the ``with`` block, adds up the seconds spent in ``cls.name`` (wrapped, then restored)."""
+
+    def __init__(self, cls: type, name: str) -> None:
+        self.cls, self.name, self.seconds = cls, name, 0.0
+        self._orig = getattr(cls, name)
+
+    def __enter__(self) -> Inside:
+        timer, orig = self, self._orig
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = orig(*args, **kwargs)
+            timer.seconds += time.perf_counter() - t
+            return out
+
+        setattr(self.cls, self.name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.cls, self.name, self._orig)
+
+
+@torch.no_grad()
+def decode(model: Any, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int,
+           inside: Inside) -> tuple[Any, dict[str, Any]]:
+    """Prefill ``ids (1, n)`` ``chunk`` tokens at a time through a fresh ``spec`` cache, then ``warmup`` +
+    ``steps`` greedy decode steps, timed one by one. Returns the cache and the figures: prefill seconds,
+    median step ms, tokens/s, and ``inside_ms`` / ``inside_share`` (median ms per step / share of all timed
+    step time spent in ``inside``'s method)."""
+    cache = kvlab.make_cache(model, spec)
+    t0 = time.perf_counter()
+    logits = feed(model, cache, ids, chunk)
+    prefill = time.perf_counter() - t0
+    token = logits.argmax(-1, keepdim=True)
+    times, spent = [], []
+    with inside:
+        for i in range(warmup + steps):
+            before = inside.seconds
+            synchronize(model.device)
+            t = time.perf_counter()
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            synchronize(model.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+                spent.append(inside.seconds - before)
+    step = statistics.median(times)
+    return cache, {"method": spec, "context": ids.shape[1], "prefill_s": round(prefill, 2),
+                   "step_ms": round(1000 * step, 2), "tokens_per_s": round(1 / step, 2),
+                   "inside_ms": round(1000 * statistics.median(spent), 2),
+                   "inside_share": round(sum(spent) / sum(times), 4)}
+
+
+def write(stem: Path, rows: list[dict], table: str, model: Any, args: Any) -> None:
+    """``stem``.json (rows + machine, versions, git hash, arguments) and ``stem``.md (the table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
+            "machine": machine(str(model.device)), "args": {k: str(v) for k, v in vars(args).items()}}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table + "\n")
