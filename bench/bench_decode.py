@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from timing import Inside, decode, write
+from timing import Inside, decode, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -50,6 +50,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = kvlab.load(args.model)
+    meta = run_meta(model, args)
     contexts = [int(c) for c in args.contexts.split(",")]
     ids_all = tokenize(tok, load_text("pydoc"), max(contexts)).to(model.device)
     rows = []
@@ -68,7 +69,7 @@ def main() -> None:
                      f"{100 * r['update_share']:.1f}% | {r['kv_mib']} |")
     table = "\n".join(lines)
     print(table)
-    write(args.out, rows, table, model, args)
+    write(args.out, rows, table, meta)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 import torch
-from timing import Inside, decode, write
+from timing import Inside, decode, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -36,8 +36,9 @@ METHODS = "full;streaming:sinks=4,window=1020;head-aware:budget=1024,profile={p}
 
 def measure(model, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int) -> dict:
     cache, row = decode(model, ids, spec, steps, warmup, chunk, Inside(QuantSegment, "dense"))
-    return {**row, "dequant_ms": row.pop("inside_ms"), "dequant_share": row.pop("inside_share"),
-            "kv_bytes": cache.nbytes(), "kv_bytes_peak": cache.peak_nbytes, "kv_bytes_full": cache.full_nbytes()}
+    dequant = {"dequant_ms": row.pop("inside_ms"), "dequant_share": row.pop("inside_share")}
+    return {**row, **dequant, "kv_bytes": cache.nbytes(), "kv_bytes_peak": cache.peak_nbytes,
+            "kv_bytes_full": cache.full_nbytes()}
 
 
 def table(rows: list[dict]) -> str:
@@ -81,6 +82,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = kvlab.load(args.model)
+    meta = run_meta(model, args)
     contexts = [int(c) for c in args.contexts.split(",")]
     specs = [s.replace("{p}", args.profile) for s in args.methods.split(";")]
     ids_all = tokenize(tok, load_text("pydoc"), max(contexts)).to(model.device)
@@ -96,7 +98,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     text = table(rows)
     print(text)
-    write(Path(args.output), rows, text, model, args)
+    write(Path(args.output), rows, text, meta)
 
 
 if __name__ == "__main__":

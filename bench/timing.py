@@ -71,10 +71,14 @@ def decode(model: Any, ids: torch.Tensor, spec: str, steps: int, warmup: int, ch
                    "inside_share": round(sum(spent) / sum(times), 4)}
 
 
-def write(stem: Path, rows: list[dict], table: str, model: Any, args: Any) -> None:
-    """``stem``.json (rows + machine, versions, git hash, arguments) and ``stem``.md (the table)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
+def run_meta(model: Any, args: Any) -> dict[str, Any]:
+    """What a benchmark run was: model, threads, versions, git hash (taken when the run starts), machine, args."""
+    return {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
             "machine": machine(str(model.device)), "args": {k: str(v) for k, v in vars(args).items()}}
+
+
+def write(stem: Path, rows: list[dict], table: str, meta: dict[str, Any]) -> None:
+    """``stem``.json (rows + :func:`run_meta`) and ``stem``.md (the table)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(table + "\n")

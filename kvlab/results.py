@@ -21,6 +21,7 @@ Tables and figures read only rows.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -112,20 +114,35 @@ def make_row(eval_name: str, config: dict[str, Any], metrics: dict[str, Any] | N
     }
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON so that a reader sees either the old file or the whole new one, never a half."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (hidden, ending in ``.tmp``, so no ``*.json`` glob of a
+    reader sees it; give writers that infer a format from the name the format explicitly); when the block
+    ends without an error the file is made readable by everyone (mkstemp makes 0600 files) and renamed over
+    ``path``, so a reader sees the old file or the whole new one, never a half. On an error the temporary
+    file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (see :func:`atomic_path`), synced to disk."""
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON so that a reader sees either the old file or the whole new one, never a half."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")

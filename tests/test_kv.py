@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvlab.errors import KvlabError
 from kvlab.kv import Rotary, Segment, _mask, keep_indices
 from kvlab.methods.base import Group
 from kvlab.methods.h2o import H2O
@@ -83,6 +84,25 @@ def test_h2o_keeps_recent_and_heaviest_per_head():
     assert seg.values[0, 0, :, 0].tolist() == [0, 4, 5, 6]
     assert seg.values[0, 1, :, 0].tolist() == [1, 3, 5, 6]
     assert seg.scores.shape == (1, 2, 4)
+
+
+def test_h2o_pooling_keeps_a_heavy_hitters_neighbours():
+    """pool=3: a token ranks by the max score within one token of it, so the span around the heaviest token
+    (a number's digits) stays whole where plain H2O keeps the heavy tokens scattered."""
+    scores = torch.tensor([[[0.0, 0.1, 9.0, 0.2, 0.0, 3.0, 0.0, 2.5, 0.0, 0.0]]])
+    kept = {}
+    for pool in (1, 3):
+        seg = Segment(Group(heads=(0,), budget=5, scorer=H2O(budget=5, recent=2, pool=pool)), None, False)
+        seg.keys = torch.zeros(1, 1, 10, D)
+        seg.values = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 1, 10, D).clone()
+        seg.scores = scores.clone()
+        seg.compress()
+        kept[pool] = seg.values[0, 0, :, 0].tolist()
+        assert torch.equal(seg.scores, scores[..., [int(i) for i in kept[pool]]])  # pooling ranks, never rewrites
+    assert kept[1] == [2, 5, 7, 8, 9]
+    assert kept[3] == [1, 2, 3, 8, 9]
+    with pytest.raises(KvlabError, match="odd"):
+        H2O(budget=5, recent=2, pool=4)
 
 
 def test_scores_accumulate_attention_mass():

@@ -91,15 +91,16 @@ def run_kvpress(args: argparse.Namespace) -> int:
 
     rows = sbs.run_comparison(model, tok, cmp, model_name=args.model, device=args.device, dtype=args.dtype,
                               venv=args.venv, echo=echo)
-    from kvlab.compare import figure  # pandas and matplotlib only now: they are not in the peak RSS measured
-    from kvlab.lab.frame import rows_frame
     from kvlab.results import write_json_atomic
 
     out = Path(args.out)
+    for row in rows:  # the measurements first: nothing below can lose them
+        write_json_atomic(out / "rows" / f"{row['id']}.json", row)
+    from kvlab.compare import figure  # pandas and matplotlib only now: they are not in the peak RSS measured
+    from kvlab.lab.frame import rows_frame
+
     df = rows_frame(rows)
     table, found = figure.text_table(df), figure.targets_text(figure.targets(df))
-    for row in rows:
-        write_json_atomic(out / "rows" / f"{row['id']}.json", row)
     print(table)
     print("\ntargets:")
     print("\n".join(f"  {line}" for line in found))

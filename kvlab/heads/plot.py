@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from kvlab.errors import KvlabError
 from kvlab.heads.scores import CLASSES
 from kvlab.heads.store import SCORE_NAMES, HeadProfile
+from kvlab.results import atomic_path
 
 CLASS_COLORS = {"retrieval": "#d62728", "induction": "#ff7f0e", "local": "#c7d4e0"}
 _TITLES = {"retrieval": "retrieval score (needle copy: argmax on the copied token)",
@@ -66,15 +66,9 @@ def plot_profile(profile: HeadProfile, path: str | os.PathLike, dpi: int = 150) 
     fig.suptitle(f"Head profile of {profile.model}\n{layers} layers x {heads} KV heads, "
                  f"{profile.num_attention_heads} query heads (a KV head takes the max over its query heads, "
                  f"the min for locality)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=(path.suffix or ".png")[1:])
     finally:
         plt.close(fig)
     return path

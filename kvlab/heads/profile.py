@@ -131,8 +131,9 @@ def compute_scores(model: Any, tokenizer: Any, settings: ProfileSettings,
     return ScoreGrids({k: v.cpu().clamp(0.0, 1.0) for k, v in grids.items()}, correct / max(steps, 1))
 
 
-def _round(grid: torch.Tensor, digits: int = 6) -> list[list[float]]:
-    """(layers, heads) -> nested lists rounded to ``digits`` decimals (stable JSON across runs)."""
+def _round(grid: torch.Tensor, digits: int = 4) -> list[list[float]]:
+    """(layers, heads) -> nested lists rounded to ``digits`` decimals: stable JSON across runs, and across
+    thread counts, whose different float summation orders move scores in the 6th decimal."""
     return [[round(float(x), digits) for x in row] for row in grid.tolist()]
 
 
@@ -159,4 +160,4 @@ def profile_heads(model: Any, tokenizer: Any, settings: ProfileSettings | None =
         num_layers=layers, num_kv_heads=kv_heads, num_attention_heads=q_heads, settings=asdict(settings),
         scores={name: _round(v) for name, v in per_kv.items()},
         query_head_scores={name: _round(v) for name, v in per_q.items()},
-        classes=classes, copy_accuracy=round(grids.copy_accuracy, 6), versions=versions())
+        classes=classes, copy_accuracy=round(grids.copy_accuracy, 4), versions=versions())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.heads.scores import CLASSES
+from kvlab.results import write_text_atomic
 
 SCHEMA = 1
 SCORE_NAMES = ("retrieval", "induction", "locality")
@@ -156,16 +156,7 @@ class HeadProfile:
         path = Path(path)
         if path.is_dir():
             raise KvlabError(f"{path} is a folder; give a file name for the head profile")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.dumps())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.dumps())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadProfile:

@@ -7,8 +7,6 @@ lighter shades of it (:func:`spec_colors`).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from kvlab.lab.frame import short, varying
+from kvlab.results import atomic_path
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000"]
 METHOD_COLORS = {"full": "#7F7F7F", "streaming": OKABE_ITO[0], "h2o": OKABE_ITO[1], "head-aware": OKABE_ITO[2],
@@ -87,18 +86,10 @@ def first_column(part: pd.DataFrame, names: tuple[str, ...]) -> str | None:
 
 def save(fig: Figure, stem: Path, *, dpi: int = DPI, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """Write ``stem.png`` (300 dpi) and ``stem.pdf``, each atomically."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
-    for suffix in (f".{f}" for f in formats):
-        target = stem.with_suffix(suffix)
-        fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{target.name}.", suffix=suffix)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=dpi, format=suffix[1:])
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; figures are for sharing
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    for fmt in formats:
+        target = stem.with_suffix(f".{fmt}")
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=fmt)
         paths.append(target)
     return paths

@@ -13,8 +13,6 @@ Formats: ``csv`` (every row with the derived columns, full precision), ``json`` 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pandas as pd
 from kvlab.errors import KvlabError
 from kvlab.lab.criteria import Criterion
 from kvlab.lab.frame import short, varying
+from kvlab.results import write_text_atomic
 
 FORMATS = {"csv": "report.csv", "json": "report.json", "latex": "report.tex", "md": "report.md"}
 VALUES = {"quality": None, "mem_reduction_pct": "memory reduction %", "quality_change_pct": "quality change %",
@@ -173,21 +172,6 @@ def parse_formats(text: str) -> list[str]:
 
             raise unknown("report format", fmt, FORMATS)
     return formats
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a text file so that a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; reports are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_report(df: pd.DataFrame, tables: list[Table], formats: list[str], out_dir: Path, *,

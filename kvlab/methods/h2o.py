@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
 from kvlab.kv import Segment
@@ -20,11 +21,16 @@ class H2O(Method):
     Kept tokens keep their original positions, as in the paper (a stream is then bounded by the
     model's maximum position); ``reindex=1`` re-indexes them to their index in the cache, as
     StreamingLLM does, at the cost of re-rotating every key that precedes an evicted one.
+
+    ``pool`` (odd, default 1 = the paper): a token is ranked by the largest accumulated attention within
+    ``pool`` tokens centred on it (max-pooling, SnapKV's clustering, Li et al. 2024), so a heavy hitter keeps
+    its neighbours: a number split into digit tokens is kept or evicted whole.
     """
 
     budget: int = 1024
     recent: int = 256
     reindex: bool = False
+    pool: int = 1
     name = "h2o"
     needs_scores = True
 
@@ -33,12 +39,16 @@ class H2O(Method):
         positive("recent", self.recent, allow_zero=True)
         if self.recent > self.budget:
             raise KvlabError(f"recent ({self.recent}) cannot exceed budget ({self.budget})")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise KvlabError(f"pool must be an odd number of tokens (1 = no pooling), got {self.pool}")
 
     def capacity(self) -> int:
         return self.budget
 
     def score(self, seg: Segment) -> torch.Tensor:
         s = seg.scores.clone()  # (batch, heads, n) accumulated attention
+        if self.pool > 1:  # each token: the max over its neighbourhood (padding never wins: -inf)
+            s = F.max_pool1d(s.flatten(0, -2)[:, None], self.pool, stride=1, padding=self.pool // 2).view_as(s)
         if self.recent:
             s[..., -self.recent :] = float("inf")
         return s

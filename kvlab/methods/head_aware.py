@@ -9,7 +9,8 @@ down by less than one token per head):
 
 Local heads keep ``sinks`` + a recent window (StreamingLLM, re-indexed); retrieval and induction
 heads keep a recent window plus the tokens with the most accumulated attention (H2O-style, at
-prefill and at every step, original positions). Heads of one class live in their own tensors, so memory really shrinks: a layer holds
+prefill and at every step, original positions; ``pool=k`` ranks each token by the max over its ``k``
+neighbours, SnapKV's clustering, so spans such as a number's digits stay whole). Heads of one class live in their own tensors, so memory really shrinks: a layer holds
 ``sum_h b_h`` tokens, not ``max_h b_h * n_heads``.
 
 Ablations (``assign=``): ``uniform`` — equal budgets for every class (the classes keep their
@@ -33,7 +34,7 @@ ASSIGN = ("profile", "uniform", "shuffled")
 
 @dataclass
 class HeadAware(Method):
-    """``head-aware:budget=512,profile=p.json[,retrieval=2,induction=1,local=0.25,sinks=4,recent=32,assign=profile]``"""
+    """``head-aware:budget=512,profile=p.json[,retrieval=2,induction=1,local=0.25,sinks=4,recent=32,pool=1,assign=profile]``"""
 
     budget: int = 1024
     profile: str = ""
@@ -42,6 +43,7 @@ class HeadAware(Method):
     local: float = 0.25
     sinks: int = 4
     recent: int = 32
+    pool: int = 1
     assign: str = "profile"
     seed: int = 0
     name = "head-aware"
@@ -51,6 +53,7 @@ class HeadAware(Method):
         positive("budget", self.budget)
         positive("sinks", self.sinks, allow_zero=True)
         positive("recent", self.recent, allow_zero=True)
+        H2O(budget=max(1, self.recent), recent=self.recent, pool=self.pool)  # the same checks of recent/pool
         if not self.profile:
             raise KvlabError(f"{self.name} needs profile=FILE (make one with 'kvlab heads profile --model M --output FILE')")
         for cls in CLASSES:
@@ -105,6 +108,6 @@ class HeadAware(Method):
                     raise KvlabError(f"layer {layer.index}: {cls} heads get {b} tokens, fewer than recent={self.recent}; "
                                      f"raise budget or lower recent")
                 # quantized storage rotates keys at attention time, so it re-indexes for free
-                scorer = H2O(budget=b, recent=self.recent, reindex=self.bits(cls) < 16)
+                scorer = H2O(budget=b, recent=self.recent, reindex=self.bits(cls) < 16, pool=self.pool)
             groups.append(Group(heads=heads, budget=b, scorer=scorer, bits=self.bits(cls), label=cls))
         return groups
