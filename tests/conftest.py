@@ -92,3 +92,11 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent")
     return path
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A fake kvpress venv and worker (:mod:`fake_kvpress`) that kvlab's comparison code will drive."""
+    from fake_kvpress import install
+
+    return install(tmp_path, monkeypatch)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import types
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from kvlab.lab.plots import plot_all
 from kvlab.methods import build
 from kvlab.stream import feed
 from profiles import round_robin_profile
-from test_kvpress import FAKE_WORKER
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KVPRESS_VENV = REPO_ROOT / ".kvpress-venv"
@@ -57,20 +55,6 @@ def model(tiny_llama, tmp_path):
     m = copy.deepcopy(tiny_llama)
     m.config._name_or_path = str(folder)
     return m
-
-
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-    """A fake kvpress venv whose worker is test_kvpress's FAKE_WORKER (8 bytes per kept token)."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").symlink_to(sys.executable)
-    script = tmp_path / "fake_worker.py"
-    script.write_text(FAKE_WORKER)
-    monkeypatch.setattr(kp, "WORKER", script)
-    monkeypatch.setenv("KVLAB_KVPRESS_VENV", str(venv))
-    monkeypatch.setenv("FAKE_REQUEST_OUT", str(tmp_path / "request.json"))
-    return types.SimpleNamespace(venv=venv, request=tmp_path / "request.json")
 
 
 def _random_ppl(n: int, ctx: int, cont: int) -> list[kp.PplSample]:
