@@ -102,11 +102,7 @@ class KVLayer(CacheLayerMixin):
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for seg in self.segments:
-            if type(seg) is not Segment:  # quantized storage reorders its own tensors
-                seg.map_batch(fn)
-            elif seg.keys is not None:
-                seg.keys, seg.values = fn(seg.keys), fn(seg.values)
-                seg.scores = None if seg.scores is None else fn(seg.scores)
+            seg.map_batch(fn)  # each storage reorders its own tensors
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -109,6 +109,13 @@ class Segment:
         """Keys and values as stored (the window may be a turned ring): for attention without a mask."""
         return self._k, self._v
 
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a batch-axis reorder / repeat / select) to the stored tensors (ring order is kept:
+        it is the same for every batch row)."""
+        if self._k is not None:
+            self._k, self._v = fn(self._k), fn(self._v)
+            self.scores = None if self.scores is None else fn(self.scores)
+
     def _unroll(self) -> None:
         """Put a turned ring back in time order (one copy)."""
         if self._head:

@@ -61,6 +61,19 @@ def test_decode_steps_turn_a_ring_in_place_and_read_back_in_time_order(sinks):
     assert torch.allclose(seg.keys, _rope(k0[:, :, kept], torch.arange(46 - len(kept), 46)), atol=1e-5)
 
 
+def test_batch_reorder_of_a_turned_ring_keeps_each_rows_time_order():
+    g = torch.Generator().manual_seed(6)
+    k0, v = torch.randn(2, 1, 20, D, generator=g), torch.randn(2, 1, 20, D, generator=g)
+    seg = Segment(Group(heads=(0,), budget=6, scorer=StreamingLLM(sinks=2, window=4)), Rotary(INV_FREQ), True)
+    seg.push(_rope(k0[:, :, :8], torch.arange(8)), v[:, :, :8])
+    for t in range(8, 20):
+        seg.push(_rope(k0[:, :, t:t + 1], torch.tensor([t])), v[:, :, t:t + 1])
+    assert seg._head != 0
+    seg.map_batch(lambda x: x.flip(0))  # beam search's reorder: rows swapped
+    kept = [0, 1, 15, 16, 17, 18, 19]
+    assert torch.equal(seg.values, v.flip(0)[:, :, kept])
+
+
 def test_frame_distances_equal_literal_reindexing():
     """q at true position P against frame keys == q at cache position n against keys at 0..n-1."""
     g = torch.Generator().manual_seed(1)
