@@ -15,9 +15,9 @@ LOSSLESS = {
     "full": lambda n, tmp, model: "full",
     "streaming": lambda n, tmp, model: f"streaming:sinks=4,window={n}",
     "h2o": lambda n, tmp, model: f"h2o:budget={n},recent=4",
-    # every class gets at least budget * 0.25 / 2.0 of the mean: 10 n leaves each head >= n tokens
+    # a head gets at least 0.4 / 2.0 of the mean budget (weights 2/1/0.4, equal localities): 10 n leaves each >= n tokens
     "head-aware": lambda n, tmp, model: f"head-aware:budget={10 * n},profile={round_robin_profile(model, tmp)}",
-    # a residual of n tokens is never quantized; every class keeps >= 10 n * 0.25 / 2.25 >= n + group_size - 1 tokens
+    # a residual of n tokens is never quantized; every head keeps >= 10 n * 0.4 / 2 >= n + group_size - 1 tokens
     "haq": lambda n, tmp, model: f"haq:budget={10 * n},profile={round_robin_profile(model, tmp)},bits=8/4/2,group_size=4,residual={n}",
     "quant": lambda n, tmp, model: f"quant:bits=4,group_size=4,residual={n}",
 }

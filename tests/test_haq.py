@@ -212,10 +212,10 @@ def test_haq_plans_each_class_at_its_width(llama, tmp_path):
 
 def test_residual_shrinks_to_fit_a_small_budget_and_group_size_must_fit(llama, tmp_path):
     profile = round_robin_profile(llama, tmp_path)
-    m = build(f"haq:budget=64,profile={profile},bits=8,group_size=8,residual=32")
+    m = build(f"haq:budget=64,profile={profile},bits=8,group_size=8,residual=32,recent=8")
     m.prepare(llama)
     groups = {g.label: g for g in m.plan(LayerInfo(index=1, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16))}
-    assert groups["local"].budget == 25 and groups["local"].residual == 25 - 8 + 1
+    assert groups["local"].budget == 23 and groups["local"].residual == 23 - 8 + 1  # 4 x 64 x 0.4 / 4.4
     assert groups["induction"].residual == 32
     with pytest.raises(KvlabError, match="fewer than group_size - 1"):
         make_cache(llama, f"haq:budget=16,profile={profile},bits=8/4/2,recent=2,sinks=1")

@@ -10,6 +10,7 @@ import torch
 from kvlab.cache import make_cache
 from kvlab.errors import KvlabError
 from kvlab.methods import build
+from kvlab.methods.head_aware import share
 from profiles import round_robin_profile
 from references import masked_dense_attention
 
@@ -28,17 +29,43 @@ def _fill(model, spec, n=40, chunk=5):
     return cache
 
 
-def test_mean_budget_per_layer_equals_budget(llama, tmp_path):
-    m = build(f"head-aware:budget=100,profile={round_robin_profile(llama, tmp_path, offset=2)}")
-    m.prepare(llama)
-    for classes in m._classes:
-        b = m.budgets(classes)
-        total = sum(b[c] for c in classes)
-        assert 100 * len(classes) - len(classes) < total <= 100 * len(classes)
-    # retrieval (weight 2) gets 8x what local (0.25) gets in a layer that has both
-    mixed = next(c for c in m._classes if "retrieval" in c and "local" in c)
-    b = m.budgets(mixed)
-    assert abs(b["retrieval"] / b["local"] - 8) < 0.2
+def _budgets(model, spec):
+    m = build(spec)
+    m.prepare(model)
+    return m, m._budgets
+
+
+def test_mean_budget_over_the_model_equals_budget(llama, tmp_path):
+    m, b = _budgets(llama, f"head-aware:budget=100,profile={round_robin_profile(llama, tmp_path, offset=2)},recent=8")
+    n = sum(map(len, b))
+    assert 100 * n - n < sum(map(sum, b)) <= 100 * n
+    # retrieval (weight 2) gets 5x what local (0.4) gets: this profile's localities are all equal
+    flat = {c: x for row_c, row_b in zip(m._classes, b) for c, x in zip(row_c, row_b)}
+    assert abs(flat["retrieval"] / flat["local"] - 5) < 0.2
+
+
+def test_scope_layer_keeps_every_layers_mean(llama, tmp_path):
+    _, b = _budgets(llama, f"head-aware:budget=100,profile={round_robin_profile(llama, tmp_path)},scope=layer")
+    assert all(100 * len(row) - len(row) < sum(row) <= 100 * len(row) for row in b)
+
+
+def test_local_heads_share_by_locality(llama, tmp_path):
+    path = round_robin_profile(llama, tmp_path, offset=1, locality=lambda layer, head: 0.9 if layer == 0 else 0.3)
+    m, b = _budgets(llama, f"head-aware:budget=100,profile={path},recent=8")
+    local = {i: x for i, (row_c, row_b) in enumerate(zip(m._classes, b)) for c, x in zip(row_c, row_b) if c == "local"}
+    assert set(local) == {0, 1}
+    assert abs(local[1] / local[0] - (1 - 0.3 + 0.05) / (1 - 0.9 + 0.05)) < 0.1  # need = 1 - locality + 0.05
+    _, even = _budgets(llama, f"head-aware:budget=100,profile={path},recent=8,spread=even")
+    assert even == _budgets(llama, f"head-aware:budget=100,profile={round_robin_profile(llama, tmp_path, offset=1)},recent=8")[1]
+
+
+def test_share_is_proportional_above_the_floors():
+    assert share(100, [1, 1, 2], [0, 0, 0]) == [25, 25, 50]
+    got = share(100, [1, 10, 10], [20, 1, 1])  # the first head is lifted to its floor, the others share the rest
+    assert got == [20, 40, 40]
+    assert sum(share(101, [1, 1, 1], [1, 1, 1])) <= 101
+    with pytest.raises(KvlabError, match="cannot give"):
+        share(10, [1, 1], [6, 6])
 
 
 def test_grouped_layout_matches_masked_dense_reference(llama, tmp_path):
@@ -73,10 +100,9 @@ def test_shuffled_labels_keep_counts_and_change_assignment(llama, tmp_path):
     assert flat(real) != flat(shuffled)
 
 
-def test_uniform_gives_every_class_the_budget(llama, tmp_path):
-    m = build(f"head-aware:budget=64,profile={round_robin_profile(llama, tmp_path)},assign=uniform")
-    m.prepare(llama)
-    assert all(set(m.budgets(c).values()) == {64} for c in m._classes)
+def test_uniform_gives_every_head_the_budget(llama, tmp_path):
+    _, b = _budgets(llama, f"head-aware:budget=64,profile={round_robin_profile(llama, tmp_path)},assign=uniform")
+    assert {x for row in b for x in row} == {64}
 
 
 def test_profile_of_another_model_is_refused(llama, tiny_qwen2, tmp_path):
@@ -90,6 +116,8 @@ def test_profile_of_another_model_is_refused(llama, tiny_qwen2, tmp_path):
     ("head-aware:budget=64,profile=p.json,retrievl=2", "did you mean 'retrieval'"),
     ("head-aware:budget=64,profile=p.json,local=0", "must be > 0"),
     ("head-aware:budget=64,profile=p.json,assign=random", "assign must be"),
+    ("head-aware:budget=64,profile=p.json,scope=global", "scope must be one of model, layer"),
+    ("head-aware:budget=64,profile=p.json,spread=flat", "spread must be one of locality, even"),
 ])
 def test_bad_specs(bad, message):
     with pytest.raises(KvlabError, match=message):
@@ -97,6 +125,6 @@ def test_bad_specs(bad, message):
 
 
 def test_shares_that_cannot_meet_the_budget(llama, tmp_path):
-    spec = f"head-aware:budget=4,profile={round_robin_profile(llama, tmp_path)},sinks=4,recent=0"
-    with pytest.raises(KvlabError, match="local heads get"):
+    spec = f"head-aware:budget=1,profile={round_robin_profile(llama, tmp_path)},sinks=4,recent=0"
+    with pytest.raises(KvlabError, match="cannot give .* heads their minimum"):
         make_cache(llama, spec)

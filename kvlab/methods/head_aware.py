@@ -1,26 +1,38 @@
 """Head-aware budgets: every KV head gets the budget and the policy of its class.
 
 A head profile (``kvlab heads profile``) classes each KV head as ``retrieval``, ``induction`` or
-``local``. Within each layer the budget is shared out by class weight, so that the mean over the
-layer's KV heads is ``budget`` (the same memory as a uniform method at that budget, up to rounding
-down by less than one token per head):
+``local`` and measures its ``locality``: the share of its attention on the sinks and the last few
+tokens. Budgets come from one pool: the mean over the model's KV heads is ``budget`` (``scope=model``,
+the default: the same memory as a uniform method at that budget), or the mean over each layer's KV
+heads (``scope=layer``: the same memory in every layer). Within the pool a head's share is its weight:
 
-    b_class = floor(budget * n_heads * w_class / sum_h w_class(h))
+    w(h) = w_class                                                for retrieval and induction heads
+    w(h) = w_local * need(h) / mean(need over local heads)        for local heads (spread=locality)
+    need(h) = 1 - locality(h) + 0.05
+
+so a local head that already finds nearly all its attention in the window gets a short window, and a
+diffuse one (typically in early layers) a long one; ``spread=even`` gives every local head ``w_local``.
+The pool is then shared out in whole tokens, ``b(h) = floor(pool * w(h) / sum w)``, except that no
+head gets less than its policy needs (``sinks + max(recent, 1)`` for a local head, ``max(recent, 1)``
+for the others): heads below that get exactly it and the rest is shared again among the others
+(water-filling), so the total never exceeds the pool (by less than one token per head under it).
 
 Local heads keep ``sinks`` + a recent window (StreamingLLM, re-indexed); retrieval and induction
 heads keep a recent window plus the tokens with the most accumulated attention (H2O-style, at
 prefill and at every step, original positions; ``pool=k`` ranks each token by the max over its ``k``
-neighbours, SnapKV's clustering, so spans such as a number's digits stay whole). Heads of one class live in their own tensors, so memory really shrinks: a layer holds
-``sum_h b_h`` tokens, not ``max_h b_h * n_heads``.
+neighbours, SnapKV's clustering). Heads of one class and budget live in their own tensors, so memory
+really shrinks: a layer holds ``sum_h b(h)`` tokens, not ``max_h b(h) * n_heads``.
 
-Ablations (``assign=``): ``uniform`` — equal budgets for every class (the classes keep their
-policies); ``shuffled`` — the profile's labels permuted at random (seeded) over all heads, budgets
-as usual. ``sinks=0`` removes the sinks of local heads.
+Ablations (``assign=``): ``uniform`` — every head gets ``budget`` (the classes keep their policies);
+``shuffled`` — the profile's labels permuted at random (seeded) over all heads, budgets as usual.
+``spread=even`` drops the locality spread; ``scope=layer`` the sharing across layers; ``sinks=0``
+removes the sinks of local heads.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvlab.errors import KvlabError
@@ -30,17 +42,44 @@ from kvlab.methods.streaming_llm import StreamingLLM
 
 CLASSES = ("retrieval", "induction", "local")
 ASSIGN = ("profile", "uniform", "shuffled")
+SCOPES = ("model", "layer")
+SPREADS = ("locality", "even")
+NEED_FLOOR = 0.05  # added to 1 - locality, so that no local head's share vanishes
+
+
+def share(total: int, weights: Sequence[float], floors: Sequence[int]) -> list[int]:
+    """Whole-token budgets proportional to ``weights``, none below its floor, summing to at most ``total``.
+
+    Heads whose proportional share falls below their floor get the floor; the rest of ``total`` is
+    shared again among the others, until every share is above its floor (water-filling).
+    """
+    if sum(floors) > total:
+        raise KvlabError(f"a pool of {total} tokens cannot give {len(floors)} heads their minimum of "
+                         f"{sum(floors)} in all; raise budget, or lower sinks/recent")
+    fixed: set[int] = set()
+    while True:
+        free = [i for i in range(len(weights)) if i not in fixed]
+        rest = total - sum(floors[i] for i in fixed)
+        norm = sum(weights[i] for i in free)
+        low = [i for i in free if rest * weights[i] / norm < floors[i]]
+        if not low:
+            break
+        fixed.update(low)
+    return [floors[i] if i in fixed else int(rest * weights[i] / norm) for i in range(len(weights))]
 
 
 @dataclass
 class HeadAware(Method):
-    """``head-aware:budget=512,profile=p.json[,retrieval=2,induction=1,local=0.25,sinks=4,recent=32,pool=1,assign=profile]``"""
+    """``head-aware:budget=512,profile=p.json[,retrieval=2,induction=1,local=0.4,scope=model,spread=locality,
+    sinks=4,recent=32,pool=1,assign=profile]``"""
 
     budget: int = 1024
     profile: str = ""
     retrieval: float = 2.0
     induction: float = 1.0
-    local: float = 0.25
+    local: float = 0.4
+    scope: str = "model"
+    spread: str = "locality"
     sinks: int = 4
     recent: int = 32
     pool: int = 1
@@ -48,6 +87,7 @@ class HeadAware(Method):
     seed: int = 0
     name = "head-aware"
     _classes: list[list[str]] = field(default_factory=list, init=False, repr=False)
+    _budgets: list[list[int]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         positive("budget", self.budget)
@@ -59,8 +99,9 @@ class HeadAware(Method):
         for cls in CLASSES:
             if not getattr(self, cls) > 0:
                 raise KvlabError(f"the weight of class '{cls}' must be > 0, got {getattr(self, cls)}")
-        if self.assign not in ASSIGN:
-            raise KvlabError(f"assign must be one of {', '.join(ASSIGN)}, got '{self.assign}'")
+        for key, allowed in (("assign", ASSIGN), ("scope", SCOPES), ("spread", SPREADS)):
+            if getattr(self, key) not in allowed:
+                raise KvlabError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
 
     def capacity(self) -> int:
         return self.budget
@@ -77,37 +118,46 @@ class HeadAware(Method):
             width = prof.num_kv_heads
             classes = [flat[i * width:(i + 1) * width] for i in range(prof.num_layers)]
         self._classes = classes
+        self._budgets = self.budgets(classes, prof.scores["locality"])
 
-    def weight(self, cls: str) -> float:
-        return 1.0 if self.assign == "uniform" else getattr(self, cls)
+    def weights(self, classes: list[list[str]], locality: list[list[float]]) -> list[list[float]]:
+        """w(h) for every (layer, KV head): see the module docstring."""
+        if self.assign == "uniform":
+            return [[1.0] * len(row) for row in classes]
+        need = [[1.0 - x + NEED_FLOOR for x in row] for row in locality]
+        local = [n for row_c, row_n in zip(classes, need) for c, n in zip(row_c, row_n) if c == "local"]
+        mean = sum(local) / len(local) if local else 1.0
+        return [[self.local * (n / mean if self.spread == "locality" else 1.0) if c == "local" else getattr(self, c)
+                 for c, n in zip(row_c, row_n)] for row_c, row_n in zip(classes, need)]
+
+    def floor(self, cls: str) -> int:
+        """The fewest tokens a head of class ``cls`` keeps under its policy."""
+        return self.sinks + max(self.recent, 1) if cls == "local" else max(self.recent, 1)
+
+    def budgets(self, classes: list[list[str]], locality: list[list[float]]) -> list[list[int]]:
+        """Tokens kept by every (layer, KV head), shared out of the ``scope``'s pool."""
+        w = self.weights(classes, locality)
+        floors = [[self.floor(c) for c in row] for row in classes]
+        if self.scope == "layer":
+            return [share(self.budget * len(r), wr, fr) for r, wr, fr in zip(classes, w, floors)]
+        flat = share(self.budget * sum(map(len, classes)), [x for r in w for x in r], [x for r in floors for x in r])
+        width = len(classes[0])
+        return [flat[i * width:(i + 1) * width] for i in range(len(classes))]
 
     def bits(self, cls: str) -> int:
         """Bit width of a class's keys and values (16: full precision)."""
         return 16
 
-    def budgets(self, classes: list[str]) -> dict[str, int]:
-        """Tokens per head for each class present in a layer whose heads have ``classes``."""
-        total = self.budget * len(classes)
-        norm = sum(self.weight(c) for c in classes)
-        return {c: int(total * self.weight(c) / norm) for c in set(classes)}
-
     def plan(self, layer: LayerInfo) -> list[Group]:
         if not self._classes:
             raise KvlabError(f"{self.name}: the profile was not loaded (build caches with kvlab.make_cache)")
-        classes = self._classes[layer.index]
+        classes, budgets = self._classes[layer.index], self._budgets[layer.index]
         groups = []
-        for cls, b in sorted(self.budgets(classes).items()):
-            heads = tuple(h for h, c in enumerate(classes) if c == cls)
+        for cls, b in sorted(set(zip(classes, budgets))):
+            heads = tuple(h for h in range(len(classes)) if (classes[h], budgets[h]) == (cls, b))
             if cls == "local":
-                if b <= self.sinks:
-                    raise KvlabError(f"layer {layer.index}: local heads get {b} tokens, not more than sinks={self.sinks}; "
-                                     f"raise budget or the 'local' weight")
                 scorer: Method = StreamingLLM(sinks=self.sinks, window=b - self.sinks)
-            else:
-                if b < 1 or b < self.recent:
-                    raise KvlabError(f"layer {layer.index}: {cls} heads get {b} tokens, fewer than recent={self.recent}; "
-                                     f"raise budget or lower recent")
-                # quantized storage rotates keys at attention time, so it re-indexes for free
+            else:  # quantized storage rotates keys at attention time, so it re-indexes for free
                 scorer = H2O(budget=b, recent=self.recent, reindex=self.bits(cls) < 16, pool=self.pool)
             groups.append(Group(heads=heads, budget=b, scorer=scorer, bits=self.bits(cls), label=cls))
         return groups
