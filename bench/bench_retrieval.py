@@ -11,7 +11,9 @@ length)`` tokens per KV head), every method runs at that budget:
     streaming            streaming:sinks=4,window=budget-4
     h2o                  h2o:budget=budget,recent=budget//4
     head-aware           head-aware:budget=budget,profile=P                 (the mean over KV heads is budget)
-    head-aware shuffled  head-aware:...,assign=shuffled,seed=0               (the ablation: labels permuted)
+    head-aware shuffled  head-aware:...,assign=shuffled,seed=0               (ablation: labels permuted)
+    head-aware even      head-aware:...,spread=even                          (ablation: one window for local heads)
+    head-aware per-layer head-aware:...,scope=layer                          (ablation: a pool per layer)
 
 and the full cache once. "KV kept" is what the cache holds between forward passes (the budget: ``f`` of the
 context); "KV peak" is its measured peak over the full cache's bytes, which adds the chunk being fed on top
@@ -40,7 +42,11 @@ METHODS = {
     "h2o": "h2o:budget={b},recent={r}",
     "head-aware": "head-aware:budget={b},profile={p}",
     "head-aware shuffled": "head-aware:budget={b},profile={p},assign=shuffled,seed=0",
+    "head-aware even": "head-aware:budget={b},profile={p},spread=even",
+    "head-aware per-layer": "head-aware:budget={b},profile={p},scope=layer",
 }
+ABLATIONS = ("head-aware shuffled", "head-aware even", "head-aware per-layer")
+ABLATION_STYLE = (("s--", "#CC79A7"), ("^:", "#999999"), ("v-.", "#56B4E9"))
 
 
 def grid(fractions: list[float], length: int, profile: str, names: list[str]) -> list[tuple[str, float, str]]:
@@ -85,9 +91,10 @@ def figure(rows: list[dict], path: Path) -> None:
                 pts.setdefault(r["fraction"], []).append(r)
         xs = sorted(pts)
         acc = [sum(r["correct"] for r in pts[x]) / len(pts[x]) for x in xs]
-        ablation = "shuffled" in name  # its own colour, drawn on top: it can coincide with another line
-        ax.plot([100 * x for x in xs], acc, "s--" if ablation else "o-", color="#CC79A7" if ablation else color(name),
-                label=name, zorder=3 if ablation else 2, markersize=8 if ablation else 6, alpha=0.85)
+        ablation = name in ABLATIONS  # own colours and dashes, drawn on top: they can coincide with another line
+        style = ABLATION_STYLE[ABLATIONS.index(name)] if ablation else ("o-", color(name))
+        ax.plot([100 * x for x in xs], acc, style[0], color=style[1], label=name, zorder=3 if ablation else 2,
+                markersize=8 if ablation else 6, alpha=0.85)
     full = [r["correct"] for r in rows if r["name"] == "full"]
     if full:
         ax.axhline(sum(full) / len(full), color=color("full"), linestyle=":", label="full cache")
@@ -106,9 +113,8 @@ def main() -> int:
     p.add_argument("--length", type=int, default=3000, help="context tokens")
     p.add_argument("--depths", default="10,30,50,70,90", help="needle depths, percent")
     p.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="shares of the context kept")
-    p.add_argument("--methods", default="streaming,h2o,head-aware,head-aware shuffled",
-                   help=f"comma-separated, of: {', '.join(METHODS)}")
-    p.add_argument("--shuffled-fractions", default="0.25,0.5", help="fractions the shuffled ablation runs at")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    p.add_argument("--ablation-fractions", default="0.25,0.5", help=f"fractions the ablations ({', '.join(ABLATIONS)}) run at")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="JSONL of per-sample results (appended; resumes)")
@@ -121,9 +127,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     depths = [float(d) for d in args.depths.split(",")]
-    shuffled_at = {float(f) for f in args.shuffled_fractions.split(",")}
+    ablation_at = {float(f) for f in args.ablation_fractions.split(",")}
     cells = [c for c in grid([float(f) for f in args.fractions.split(",")], args.length, args.profile, names)
-             if c[0] != "head-aware shuffled" or c[1] in shuffled_at]
+             if c[0] not in ABLATIONS or c[1] in ablation_at]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
     have = {(r["spec"], r["depth"], r["length"]) for r in done}
