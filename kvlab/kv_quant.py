@@ -16,7 +16,15 @@ Layout (cheap tensor ops to append blocks or drop tokens, no lists of tensors)::
     kpos             (B, h, T)                int32 true positions, only for a scorer that does not re-index
     vscale, vzero    (B, h, T, D / Gv)        float16, one per Gv channels per token
     rkeys, rvalues   (B, h, r, D)             the model's dtype, full precision (r in [residual, residual + G))
-    scores           (B, h, T + r)            float32 accumulated attention, only for H2O-like scorers
+    skeys, svalues   (B, h, s, D)             the first ``sinks`` tokens, full precision, never evicted
+    scores           (B, h, s + T + r)        float32 accumulated attention, only for H2O-like scorers
+
+Sinks. A group whose scorer always keeps the first tokens (StreamingLLM's attention sinks, its
+``sinks``) can keep them in full precision (``QuantGroup.exact_sinks``): they take a large share of every query's attention,
+so their quantization error reaches every output. On SmolLM2 (pydoc, 2048 tokens, budget 512,
+``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bring perplexity from +12.3% to +7.1% of the
+full cache's for 2 KiB per head (IntactKV, Liu et al. 2024, makes the same point for weights-only
+quantized models: keep the pivot tokens' KV lossless). Kept tokens read in the order sinks, body, residual.
 
 Positions. Keys are stored **before RoPE**: each incoming key is un-rotated from its true position
 (the j-th key of a forward is at ``seen + j``). At attention time every kept key is dequantized and
@@ -64,6 +72,7 @@ class QuantGroup(Group):
 
     group_size: int = GROUP_SIZE
     residual: int = RESIDUAL
+    exact_sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in WIDTHS:
@@ -94,6 +103,8 @@ class QuantSegment:
         self.bits = group.bits
         self.group_size = getattr(group, "group_size", GROUP_SIZE)
         self.residual = getattr(group, "residual", RESIDUAL)
+        # the scorer's sinks (always kept), in full precision; none once a sliding layer's cap replaced the scorer
+        self.sinks = getattr(group.scorer, "sinks", 0) if getattr(group, "exact_sinks", False) else 0
         self.needs_scores = group.scorer.needs_scores
         self.clear()
 
@@ -104,6 +115,8 @@ class QuantSegment:
         self.kpos: torch.Tensor | None = None  # (B, h, T) int32 true positions, only without re-indexing
         self.rkeys: torch.Tensor | None = None  # (B, h, r, D) pre-RoPE
         self.rvalues: torch.Tensor | None = None
+        self.skeys: torch.Tensor | None = None  # (B, h, s, D) pre-RoPE, the first `sinks` tokens
+        self.svalues: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
 
     # -- state ---------------------------------------------------------------------------
@@ -116,8 +129,12 @@ class QuantSegment:
         return 0 if self.rkeys is None else self.rkeys.shape[2]
 
     @property
+    def sink_length(self) -> int:
+        return 0 if self.skeys is None else self.skeys.shape[2]
+
+    @property
     def length(self) -> int:
-        return self.body_length + self.residual_length
+        return self.sink_length + self.body_length + self.residual_length
 
     @property
     def device(self) -> torch.device:
@@ -125,19 +142,20 @@ class QuantSegment:
 
     def length_after_compress(self) -> int:
         budget, n = self.group.budget, self.length
-        return n if budget is None or n <= budget else max(budget, self.residual_length)
+        return n if budget is None or n <= budget else max(budget, self.sink_length + self.residual_length)
 
     def nbytes_parts(self) -> dict[str, int]:
         """Bytes of the packed codes; of the scales, zero points and per-token block rows (and positions);
-        of the full-precision residual."""
+        of the full-precision residual and sinks."""
         def size(*ts: torch.Tensor | None) -> int:
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
         return {"codes": size(self.kcodes, self.vcodes),
                 "scales": size(self.kscale, self.kzero, self.kblock, self.kpos, self.vscale, self.vzero),
-                "residual": size(self.rkeys, self.rvalues)}
+                "residual": size(self.rkeys, self.rvalues, self.skeys, self.svalues)}
 
     def nbytes(self) -> int:
-        """Bytes held: packed codes + scales + zero points + block rows + residual keys/values (not the scores)."""
+        """Bytes held: packed codes + scales + zero points + block rows + residual and sink keys/values (not the
+        scores)."""
         return sum(self.nbytes_parts().values())
 
     # -- dense views (tests, references) -------------------------------------------------
@@ -166,7 +184,7 @@ class QuantSegment:
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a batch-axis reorder / repeat / select) to every stored tensor."""
         for name in ("kcodes", "vcodes", "kscale", "kzero", "kblock", "kpos", "vscale", "vzero", "rkeys", "rvalues",
-                     "scores"):
+                     "skeys", "svalues", "scores"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -175,47 +193,53 @@ class QuantSegment:
         """Dequantized keys rotated to their positions (frame, or original without re-indexing) and
         values: ``(B, h, n, D)`` each."""
         bk, bv = self._dequantized_body()
-        keys = torch.cat((bk, self.rkeys), dim=2)
-        values = torch.cat((bv, self.rvalues), dim=2)
+        keys = torch.cat((self.skeys, bk, self.rkeys), dim=2)
+        values = torch.cat((self.svalues, bv, self.rvalues), dim=2)
         if self.rotary is not None:
-            n, r = keys.shape[2], self.residual_length
+            n, r, s = keys.shape[2], self.residual_length, self.sink_length
             if self.reindex:
                 pos = torch.arange(self.seen - n, self.seen, device=keys.device)  # (n,)
-            else:  # (B, h, n): the body's own positions, then the residual's (never evicted, contiguous)
+            else:  # (B, h, n): the sinks', the body's own positions, then the residual's (never evicted, contiguous)
+                head = torch.arange(s, device=keys.device).expand(*keys.shape[:2], s)
                 tail = torch.arange(self.seen - r, self.seen, device=keys.device).expand(*keys.shape[:2], r)
-                pos = torch.cat((self.kpos, tail), dim=2)
+                pos = torch.cat((head, self.kpos, tail), dim=2)
             keys = self.rotary.shift(keys, pos)
         return keys, values
 
     # -- the three steps of a forward pass ------------------------------------------------
     def compress(self) -> None:
-        """Evict down to the budget: keep the residual and the best-scoring body tokens."""
-        budget, n, body = self.group.budget, self.length, self.body_length
+        """Evict down to the budget: keep the sinks, the residual and the best-scoring body tokens."""
+        budget, n, body, s = self.group.budget, self.length, self.body_length, self.sink_length
         if budget is None or n <= budget or body == 0:
             return
-        score = self.group.scorer.score(self)[..., :body]  # (body,) or (B, h, body): the residual stays
-        keep = keep_indices(score, max(0, budget - self.residual_length))  # body tokens, in time order
+        score = self.group.scorer.score(self)[..., s:s + body]  # (body,) or (B, h, body): sinks and residual stay
+        keep = keep_indices(score, max(0, budget - s - self.residual_length))  # body tokens, in time order
         if keep.dim() == 1:  # one choice for every head
             keep = keep.expand(*self.kblock.shape[:2], -1)
         for name in ("kcodes", "vcodes", "vscale", "vzero", "kblock") + (() if self.reindex else ("kpos",)):
             t = getattr(self, name)
             setattr(self, name, t.gather(2, keep if t.dim() == 3 else keep[..., None].expand(*keep.shape, t.shape[-1])))
         if self.scores is not None:
-            rest = torch.arange(body, n, device=keep.device).expand(*keep.shape[:2], -1)
-            self.scores = self.scores.gather(2, torch.cat((keep, rest), dim=-1))
+            head = torch.arange(s, device=keep.device).expand(*keep.shape[:2], -1)
+            rest = torch.arange(s + body, n, device=keep.device).expand(*keep.shape[:2], -1)
+            self.scores = self.scores.gather(2, torch.cat((head, keep + s, rest), dim=-1))
         self._compact_scales()
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Add ``(B, h, q, D)`` new keys (rotated at their true positions) and values; quantize the
-        residual's oldest blocks once it holds ``residual + group_size`` tokens."""
+        """Add ``(B, h, q, D)`` new keys (rotated at their true positions) and values: the first ``sinks``
+        tokens ever seen to the sinks, the others to the residual, whose oldest blocks are quantized
+        once it holds ``residual + group_size`` tokens."""
         q = key_states.shape[-2]
         if self.rkeys is None:
             self._start(key_states)
         keys = key_states
         if self.rotary is not None:
             keys = self.rotary.shift(key_states, -torch.arange(self.seen, self.seen + q, device=key_states.device))
-        self.rkeys = torch.cat((self.rkeys, keys), dim=2)
-        self.rvalues = torch.cat((self.rvalues, value_states), dim=2)
+        s = max(0, min(self.sinks - self.seen, q))  # the first tokens ever seen
+        self.skeys = torch.cat((self.skeys, keys[:, :, :s]), dim=2)
+        self.svalues = torch.cat((self.svalues, value_states[:, :, :s]), dim=2)
+        self.rkeys = torch.cat((self.rkeys, keys[:, :, s:]), dim=2)
+        self.rvalues = torch.cat((self.rvalues, value_states[:, :, s:]), dim=2)
         self.seen += q
         if self.needs_scores:
             new = torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)
@@ -258,6 +282,8 @@ class QuantSegment:
         self.vzero = torch.empty_like(self.vscale)
         self.rkeys = key_states.new_empty(b, h, 0, d)
         self.rvalues = key_states.new_empty(b, h, 0, d)
+        self.skeys = key_states.new_empty(b, h, 0, d)
+        self.svalues = key_states.new_empty(b, h, 0, d)
         if self.needs_scores:
             self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=dev)
 

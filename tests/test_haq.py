@@ -22,9 +22,9 @@ from references import feed as _feed
 from references import rope as _rope
 
 
-def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=True) -> QuantSegment:
+def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=True, exact_sinks=False) -> QuantSegment:
     group = QuantGroup(heads=heads, budget=budget, scorer=scorer or StreamingLLM(), bits=bits,
-                       group_size=group_size, residual=residual)
+                       group_size=group_size, residual=residual, exact_sinks=exact_sinks)
     return QuantSegment(group, Rotary(INV_FREQ) if rotary else None)
 
 
@@ -93,6 +93,25 @@ def test_streaming_keeps_the_same_tokens_as_the_dense_segment():
     seg.compress()
     dense.compress()
     assert seg.values[0, 0, :, 0].tolist() == dense.values[0, 0, :, 0].tolist() == [0, 1, *range(32, 40)]
+
+
+@pytest.mark.parametrize("reindex", [True, False])
+def test_exact_sinks_stay_full_precision_at_their_positions(reindex):
+    """The first tokens ever seen are kept apart, unquantized, never evicted, and counted."""
+    g = torch.Generator().manual_seed(9)
+    k0, v = torch.randn(1, 2, 40, D, generator=g), _token_values(40)
+    scorer = StreamingLLM(sinks=2, window=10, reindex=reindex)
+    seg, plain = _seg(scorer, budget=12, bits=2, exact_sinks=True), _seg(scorer, budget=12, bits=2)
+    dense = Segment(QuantGroup(heads=(0, 1), budget=12, scorer=scorer), Rotary(INV_FREQ), reindex)
+    for s in (seg, plain, dense):
+        _feed(s, k0, v, 3)
+        s.compress()
+    assert (seg.sink_length, seg.length) == (2, 12)
+    assert seg.values[0, 0, :, 0].tolist() == dense.values[0, 0, :, 0].tolist() == [0, 1, *range(30, 40)]
+    # the sinks' keys are exact at their positions (frame 0, 1 or true 0, 1: the same here); at 2 bits, far off
+    assert torch.allclose(seg.keys[:, :, :2], dense.keys[:, :, :2], atol=1e-5)
+    assert not torch.allclose(plain.keys[:, :, :2], dense.keys[:, :, :2], atol=1e-2)
+    assert seg.nbytes_parts()["residual"] == (2 + seg.residual_length) * 2 * 2 * D * 4  # (sinks + residual) x heads x K, V
 
 
 def test_h2o_evicts_single_tokens_per_head_and_keeps_what_stays_exact():
@@ -215,9 +234,14 @@ def test_residual_shrinks_to_fit_a_small_budget_and_group_size_must_fit(llama, t
     m = build(f"haq:budget=64,profile={profile},bits=8,group_size=8,residual=32,recent=8")
     m.prepare(llama)
     groups = {g.label: g for g in m.plan(LayerInfo(index=1, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16))}
-    assert groups["local"].budget == 23 and groups["local"].residual == 23 - 8 + 1  # 4 x 64 x 0.4 / 4.4
+    assert groups["local"].budget == 23 and groups["local"].residual == 23 - 4 - 8 + 1  # 4 x 64 x 0.4 / 4.4
+    assert (groups["local"].exact_sinks, groups["induction"].exact_sinks) == (True, False)  # local heads only
+    m = build(f"haq:budget=64,profile={profile},bits=8,group_size=8,residual=32,recent=8,exact_sinks=0")
+    m.prepare(llama)
+    groups = {g.label: g for g in m.plan(LayerInfo(index=1, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16))}
+    assert (groups["local"].exact_sinks, groups["local"].residual) == (False, 23 - 8 + 1)
     assert groups["induction"].residual == 32
-    with pytest.raises(KvlabError, match="fewer than group_size - 1"):
+    with pytest.raises(KvlabError, match=r"exact sinks \+ group_size - 1"):
         make_cache(llama, f"haq:budget=16,profile={profile},bits=8/4/2,recent=2,sinks=1")
 
 

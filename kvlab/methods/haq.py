@@ -1,6 +1,6 @@
 """HAQ-KV: head-aware budgets plus a KIVI bit width per head class.
 
-``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32]`` is
+``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32,exact_sinks=1]`` is
 :class:`~kvlab.methods.head_aware.HeadAware` (every option of ``head-aware`` works: class weights,
 ``sinks``, ``recent``, ``assign=uniform|shuffled``) whose heads are stored quantized
 (:mod:`kvlab.kv_quant`): ``bits=R/I/L`` gives the width of retrieval, induction and local heads in
@@ -9,9 +9,11 @@ class. Retrieval heads copy exact tokens from far back, so they keep the most bi
 read the last few tokens and the sinks, so they tolerate the fewest.
 
 Eviction inside a quantized group is token-level, as for dense heads (see :mod:`kvlab.kv_quant`).
-The ``residual`` most recent tokens of a head stay in full precision and are never evicted; a class
-whose budget cannot hold ``residual + group_size - 1`` tokens gets a shorter residual, ``budget -
-group_size + 1`` (so a head never holds more than its budget between forward passes).
+The ``residual`` most recent tokens of a head stay in full precision and are never evicted; so do
+the ``sinks`` of local heads (``exact_sinks=1``, the default; ``exact_sinks=0`` quantizes them like
+any other token, as KIVI does: see :mod:`kvlab.kv_quant` for what they are worth). A head whose budget
+cannot hold ``residual + group_size - 1`` tokens besides its exact sinks gets a shorter residual,
+``budget - sinks - group_size + 1`` (so a head never holds more than its budget between forward passes).
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ class ClassBits(str):
 
 @dataclass
 class HAQ(HeadAware):
-    """``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32, + head-aware options]``"""
+    """``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32,exact_sinks=1, + head-aware options]``"""
 
     bits: str = "8/4/2"  # type: ignore[assignment]  # a ClassBits after __post_init__: also bits(cls)
     group_size: int = GROUP_SIZE
     residual: int = RESIDUAL
+    exact_sinks: bool = True
     name = "haq"
 
     def __post_init__(self) -> None:
@@ -69,11 +72,13 @@ class HAQ(HeadAware):
         groups = []
         for g in super().plan(layer):
             if g.bits < 16:
-                residual = min(self.residual, g.budget - self.group_size + 1)
+                sinks = self.sinks if g.label == "local" and self.exact_sinks else 0
+                residual = min(self.residual, g.budget - sinks - self.group_size + 1)
                 if residual < 0:
                     raise KvlabError(f"layer {layer.index}: {g.label} heads get {g.budget} tokens, fewer than "
-                                     f"group_size - 1 = {self.group_size - 1}; raise budget or lower group_size")
+                                     f"{sinks + self.group_size - 1} ({sinks} exact sinks + group_size - 1); raise "
+                                     f"budget or lower group_size")
                 g = QuantGroup(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)},
-                               group_size=self.group_size, residual=residual)
+                               group_size=self.group_size, residual=residual, exact_sinks=sinks > 0)
             groups.append(g)
         return groups
