@@ -20,11 +20,12 @@ Layout (cheap tensor ops to append blocks or drop tokens, no lists of tensors)::
     scores           (B, h, s + T + r)        float32 accumulated attention, only for H2O-like scorers
 
 Sinks. A group whose scorer always keeps the first tokens (StreamingLLM's attention sinks, its
-``sinks``) can keep them in full precision (``QuantGroup.exact_sinks``): they take a large share of every query's attention,
-so their quantization error reaches every output. On SmolLM2 (pydoc, 2048 tokens, budget 512,
-``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bring perplexity from +12.3% to +7.1% of the
-full cache's for 2 KiB per head (IntactKV, Liu et al. 2024, makes the same point for weights-only
-quantized models: keep the pivot tokens' KV lossless). Kept tokens read in the order sinks, body, residual.
+``sinks``) can keep them in full precision (``QuantGroup.exact_sinks``): they take a large share of
+every query's attention, so their quantization error reaches every output. On SmolLM2 (pydoc, 2048
+tokens, budget 512, ``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bring perplexity from
++12.3% to +6.6% of the full cache's, for 2 KiB per head. KVQuant (below) and IntactKV (Liu et al.
+2024) keep the first token's KV in full precision for the same reason. Kept tokens read in the
+order sinks, body, residual.
 
 Positions. Keys are stored **before RoPE**: each incoming key is un-rotated from its true position
 (the j-th key of a forward is at ``seen + j``). At attention time every kept key is dequantized and
