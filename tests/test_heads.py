@@ -287,6 +287,14 @@ def test_cli_profile_show_plot(tmp_path, tiny_folder, capsys):
     assert (tmp_path / "a.png").stat().st_size > 10_000
     assert _cli(["heads", "show", str(out1)]) == 0
     assert "KV heads" in capsys.readouterr().out
+    assert _cli(["heads", "show", str(out1), "--method", "head-aware:budget=40,recent=4"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    rows = [line.split()[1:] for line in shown if line.split()[0].isdigit()]
+    kept = [int(cell[1:]) for row in rows for cell in row]
+    assert len(rows) == 2 and sum(kept) == int(shown[-1].split()[-3])  # "mean M tokens per KV head, S in all"
+    assert 40 * len(kept) - len(kept) < sum(kept) <= 40 * len(kept)
+    assert _cli(["heads", "show", str(out1), "--method", "h2o:budget=40"]) == 2
+    assert "must be head-aware or haq" in capsys.readouterr().out
     assert _cli(["heads", "plot", str(out1), "--output", str(tmp_path / "c.svg")]) == 0
     assert (tmp_path / "c.svg").exists()
 

@@ -60,15 +60,35 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budgets(method: str, profile_path: str, profile):  # -> (classes, budgets) of every head under method
+    from kvlab.methods import build, get
+    from kvlab.methods.head_aware import HeadAware
+    from kvlab.spec import parse_spec
+
+    name, settings = parse_spec(method)
+    if not issubclass(get(name), HeadAware):
+        raise KvlabError(f"--method must be head-aware or haq (a method that reads a profile), got '{name}'")
+    spec = method if "profile" in settings else method + ("," if ":" in method else ":") + f"profile={profile_path}"
+    return build(spec).layout(profile)
+
+
 def _show(args: argparse.Namespace) -> int:
     from kvlab.heads import HeadProfile
 
     profile = HeadProfile.load(args.profile)
+    classes, budgets = _budgets(args.method, args.profile, profile) if args.method else (profile.classes, None)
     print(f"{profile.model} (weights {profile.fingerprint}, {profile.dtype}): {_summary(profile)}")
-    letters = {"retrieval": "R", "induction": "I", "local": "."}
-    print("layer  " + " ".join(f"h{h}" for h in range(profile.num_kv_heads)) + "   (R retrieval, I induction, . local)")
-    for layer, row in enumerate(profile.classes):
-        print(f"{layer:>5}  " + " ".join(f"{letters[c]:>2}" for c in row))
+    letters = {"retrieval": "R", "induction": "I", "local": "." if budgets is None else "L"}
+    width = 2 if budgets is None else 2 + len(str(max(map(max, budgets))))
+    legend = (f"R retrieval, I induction, {letters['local']} local"
+              + ("" if budgets is None else f"; tokens kept under {args.method}"))
+    print("layer  " + " ".join(f"{'h' + str(h):>{width}}" for h in range(profile.num_kv_heads)) + f"   ({legend})")
+    for layer, row in enumerate(classes):
+        cells = [letters[c] + ("" if budgets is None else str(budgets[layer][h])) for h, c in enumerate(row)]
+        print(f"{layer:>5}  " + " ".join(f"{cell:>{width}}" for cell in cells))
+    if budgets is not None:
+        flat = [b for row in budgets for b in row]
+        print(f"mean {sum(flat) / len(flat):.1f} tokens per KV head, {sum(flat)} in all")
     return 0
 
 
@@ -119,8 +139,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--min-induction", type=float, help=f"minimum induction score (default: {d.min_induction})")
     p.set_defaults(func=_profile)
 
-    p = actions.add_parser("show", help="print a profile's classes per layer")
+    p = actions.add_parser("show", help="print a profile's classes per layer (and the budgets a method gives them)")
     p.add_argument("profile", help="profile JSON")
+    p.add_argument("--method", default=None,
+                   help="a head-aware or haq spec, e.g. 'head-aware:budget=512': print every head's tokens under it")
     p.set_defaults(func=_show)
 
     p = actions.add_parser("plot", help="draw a profile's heatmaps")

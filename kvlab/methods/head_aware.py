@@ -34,11 +34,15 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Group, LayerInfo, Method, positive
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
+
+if TYPE_CHECKING:
+    from kvlab.heads import HeadProfile
 
 CLASSES = ("retrieval", "induction", "local")
 ASSIGN = ("profile", "uniform", "shuffled")
@@ -111,14 +115,17 @@ class HeadAware(Method):
 
         prof = HeadProfile.load(self.profile)
         prof.check_matches(model)
+        self._classes, self._budgets = self.layout(prof)
+
+    def layout(self, prof: HeadProfile) -> tuple[list[list[str]], list[list[int]]]:
+        """The class (after ``assign``) and the budget of every (layer, KV head), from a loaded profile."""
         classes = [list(row) for row in prof.classes]
         if self.assign == "shuffled":
             flat = [c for row in classes for c in row]
             random.Random(self.seed).shuffle(flat)
             width = prof.num_kv_heads
             classes = [flat[i * width:(i + 1) * width] for i in range(prof.num_layers)]
-        self._classes = classes
-        self._budgets = self.budgets(classes, prof.scores["locality"])
+        return classes, self.budgets(classes, prof.scores["locality"])
 
     def weights(self, classes: list[list[str]], locality: list[list[float]]) -> list[list[float]]:
         """w(h) for every (layer, KV head): see the module docstring."""
