@@ -17,6 +17,13 @@ head gets less than its policy needs (``sinks + max(recent, 1)`` for a local hea
 for the others): heads below that get exactly it and the rest is shared again among the others
 (water-filling), so the total never exceeds the pool (by less than one token per head under it).
 
+Why one pool: the total memory is the same either way, but with 2 KV heads per layer (Qwen2.5-0.5B)
+a per-layer pool lets a retrieval head take at most twice the budget. At 25% of a 3,000-token context
+that lost digits of a pass key (1/5 found), where the model's pool gives each retrieval head 2,080
+tokens (5/5); on SmolLM2 the pool and the spread take perplexity at budget 512 from +6.6% to +3.9%
+of the full cache's (docs/BENCHMARKS.md). ``kvlab heads show p.json --method SPEC`` prints every
+head's budget.
+
 Local heads keep ``sinks`` + a recent window (StreamingLLM, re-indexed); retrieval and induction
 heads keep a recent window plus the tokens with the most accumulated attention (H2O-style, at
 prefill and at every step, original positions; ``pool=k`` ranks each token by the max over its ``k``
