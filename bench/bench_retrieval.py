@@ -114,7 +114,8 @@ def main() -> int:
     p.add_argument("--depths", default="10,30,50,70,90", help="needle depths, percent")
     p.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="shares of the context kept")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
-    p.add_argument("--ablation-fractions", default="0.25,0.5", help=f"fractions the ablations ({', '.join(ABLATIONS)}) run at")
+    p.add_argument("--ablation-fractions", default="0.25,0.5",
+                   help=f"fractions the ablations ({', '.join(ABLATIONS)}) run at")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="JSONL of per-sample results (appended; resumes)")

@@ -17,7 +17,8 @@ def round_robin_profile(model, folder: Path, offset: int = 0, locality=None) -> 
     prof = HeadProfile(model="tiny", fingerprint=weights_fingerprint(model), num_layers=layers, num_kv_heads=kv,
                        num_attention_heads=q, settings={}, classes=classes, signature=signature(model),
                        scores={"retrieval": zeros, "induction": zeros,
-                               "locality": [[locality(i, h) if locality else 0.0 for h in range(kv)] for i in range(layers)]})
+                               "locality": [[locality(i, h) if locality else 0.0 for h in range(kv)]
+                                            for i in range(layers)]})
     path = folder / f"profile-{offset}{'-loc' if locality else ''}.json"
     prof.save(path)
     return str(path)

@@ -22,7 +22,8 @@ from references import feed as _feed
 from references import rope as _rope
 
 
-def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=True, exact_sinks=False) -> QuantSegment:
+def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=True,
+         exact_sinks=False) -> QuantSegment:
     group = QuantGroup(heads=heads, budget=budget, scorer=scorer or StreamingLLM(), bits=bits,
                        group_size=group_size, residual=residual, exact_sinks=exact_sinks)
     return QuantSegment(group, Rotary(INV_FREQ) if rotary else None)
@@ -111,7 +112,8 @@ def test_exact_sinks_stay_full_precision_at_their_positions(reindex):
     # the sinks' keys are exact at their positions (frame 0, 1 or true 0, 1: the same here); at 2 bits, far off
     assert torch.allclose(seg.keys[:, :, :2], dense.keys[:, :, :2], atol=1e-5)
     assert not torch.allclose(plain.keys[:, :, :2], dense.keys[:, :, :2], atol=1e-2)
-    assert seg.nbytes_parts()["residual"] == (2 + seg.residual_length) * 2 * 2 * D * 4  # (sinks + residual) x heads x K, V
+    # (sinks + residual) x heads x (K, V) x float32
+    assert seg.nbytes_parts()["residual"] == (2 + seg.residual_length) * 2 * 2 * D * 4
 
 
 def test_h2o_evicts_single_tokens_per_head_and_keeps_what_stays_exact():
