@@ -9,6 +9,7 @@ import torch
 
 from kvlab.cache import make_cache
 from kvlab.errors import KvlabError
+from kvlab.heads import HeadProfile
 from kvlab.methods import build
 from kvlab.methods.head_aware import share
 from profiles import round_robin_profile
@@ -30,17 +31,19 @@ def _fill(model, spec, n=40, chunk=5):
 
 
 def _budgets(model, spec):
+    """(classes, budgets) of every (layer, KV head) under ``spec``, after the profile is checked against ``model``."""
     m = build(spec)
     m.prepare(model)
-    return m, m._budgets
+    return m.layout(HeadProfile.load(m.profile))
 
 
 def test_mean_budget_over_the_model_equals_budget(llama, tmp_path):
-    m, b = _budgets(llama, f"head-aware:budget=100,profile={round_robin_profile(llama, tmp_path, offset=2)},recent=8")
+    path = round_robin_profile(llama, tmp_path, offset=2)
+    classes, b = _budgets(llama, f"head-aware:budget=100,profile={path},recent=8")
     n = sum(map(len, b))
     assert 100 * n - n < sum(map(sum, b)) <= 100 * n
     # retrieval (weight 2) gets 5x what local (0.4) gets: this profile's localities are all equal
-    flat = {c: x for row_c, row_b in zip(m._classes, b) for c, x in zip(row_c, row_b)}
+    flat = {c: x for row_c, row_b in zip(classes, b) for c, x in zip(row_c, row_b)}
     assert abs(flat["retrieval"] / flat["local"] - 5) < 0.2
 
 
@@ -51,8 +54,8 @@ def test_scope_layer_keeps_every_layers_mean(llama, tmp_path):
 
 def test_local_heads_share_by_locality(llama, tmp_path):
     path = round_robin_profile(llama, tmp_path, offset=1, locality=lambda layer, head: 0.9 if layer == 0 else 0.3)
-    m, b = _budgets(llama, f"head-aware:budget=100,profile={path},recent=8")
-    local = {i: x for i, (row_c, row_b) in enumerate(zip(m._classes, b)) for c, x in zip(row_c, row_b) if c == "local"}
+    classes, b = _budgets(llama, f"head-aware:budget=100,profile={path},recent=8")
+    local = {i: x for i, (row_c, row_b) in enumerate(zip(classes, b)) for c, x in zip(row_c, row_b) if c == "local"}
     assert set(local) == {0, 1}
     assert abs(local[1] / local[0] - (1 - 0.3 + 0.05) / (1 - 0.9 + 0.05)) < 0.1  # need = 1 - locality + 0.05
     _, even = _budgets(llama, f"head-aware:budget=100,profile={path},recent=8,spread=even")
