@@ -110,6 +110,18 @@ def _stop_ids(model: Any) -> set:
     return set(stop if isinstance(stop, (list, tuple, set)) else [stop])  # the worker's rule
 
 
+def _prefill(model: Any, spec: str, run: Callable[[KVCache], Any]) -> tuple[KVCache, Any, float, dict[str, Any]]:
+    """A fresh ``spec`` cache, ``run(cache)`` (the context's forward passes), compressed once to the budget:
+    the cache, what ``run`` returned, its seconds (compression included) and :func:`accounting` after it."""
+    cache = make_cache(model, spec)
+    synchronize(model.device)
+    start = time.perf_counter()
+    out = run(cache)
+    compress_now(cache)
+    synchronize(model.device)
+    return cache, out, time.perf_counter() - start, accounting(cache)
+
+
 @torch.no_grad()
 def qa_sample(model: Any, tokenizer: Any, spec: str, sample: kp.QASample, *, chunk_size: int,
               max_new_tokens: int) -> dict[str, Any]:
@@ -119,14 +131,8 @@ def qa_sample(model: Any, tokenizer: Any, spec: str, sample: kp.QASample, *, chu
     dev = model.device
     ctx = torch.tensor([sample.context_ids], dtype=torch.long, device=dev)  # (1, n)
     question = torch.tensor([sample.question_ids], dtype=torch.long, device=dev)  # (1, q)
-    cache = make_cache(model, spec)
-    synchronize(dev)
-    start = time.perf_counter()
-    feed(model, cache, ctx, chunk_size)  # one row of logits per chunk (keep_last_logits=False would project all)
-    compress_now(cache)
-    synchronize(dev)
-    prefill_s = time.perf_counter() - start
-    acct = accounting(cache)
+    # one row of logits per chunk (keep_last_logits=False would project all)
+    cache, _, prefill_s, acct = _prefill(model, spec, lambda c: feed(model, c, ctx, chunk_size))
     start = time.perf_counter()
     logits = feed(model, cache, question, question.shape[1])  # (1, vocab)
     synchronize(dev)
@@ -151,14 +157,8 @@ def ppl_sample(model: Any, spec: str, sample: kp.PplSample) -> dict[str, Any]:
     dev = model.device
     ctx = torch.tensor([sample.context_ids], dtype=torch.long, device=dev)  # (1, n)
     cont = torch.tensor([sample.continuation_ids], dtype=torch.long, device=dev)  # (1, m)
-    cache = make_cache(model, spec)
-    synchronize(dev)
-    start = time.perf_counter()
-    first = model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]  # (vocab,)
-    compress_now(cache)
-    synchronize(dev)
-    prefill_s = time.perf_counter() - start
-    acct = accounting(cache)
+    cache, first, prefill_s, acct = _prefill(  # first: (vocab,), the prediction of cont[0]
+        model, spec, lambda c: model(input_ids=ctx, past_key_values=c, use_cache=True, logits_to_keep=1).logits[0, -1])
     unbound(cache)
     start = time.perf_counter()
     logits = model(input_ids=cont, past_key_values=cache, use_cache=True).logits[0]  # (m, vocab)
