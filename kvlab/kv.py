@@ -200,9 +200,11 @@ class Segment:
         budget, n = self.group.budget, self.length
         if budget is None or n != budget + 1 or self.scores is not None:
             return False
-        runs = self.group.scorer.runs(n)
-        start = 0 if runs is None or len(runs) == 1 else runs[0][1]
-        if runs is None or runs[-1] != (start + 1, n) or (len(runs) == 2 and runs[0][0] != 0) or len(runs) > 2:
+        runs = self.group.scorer.runs(n)  # must be [(start + 1, n)], after sinks (0, start) if there are any
+        if runs is None or len(runs) > 2 or (len(runs) == 2 and runs[0][0] != 0):
+            return False
+        start = runs[0][1] if len(runs) == 2 else 0
+        if runs[-1] != (start + 1, n):
             return False
         if start != self._start:
             self._unroll()
