@@ -34,7 +34,7 @@ import torch
 
 import kvlab
 from kvlab.evals import needle
-from kvlab.results import git_hash, versions
+from kvlab.results import git_hash, versions, write_text_atomic
 
 OUT = Path(__file__).resolve().parent / "results" / "retrieval.jsonl"
 METHODS = {
@@ -154,7 +154,7 @@ def main() -> int:
                   f"({row['answer']!r}, expected {row['expected']}) {row['seconds']}s", flush=True)
     md = table([r for r in done if r["length"] == args.length])
     print(md)
-    args.out.with_suffix(".md").write_text(md + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), md + "\n")
     figure([r for r in done if r["length"] == args.length], args.out.with_suffix(".png"))
     return 0
 

@@ -3,7 +3,6 @@ with the seconds spent inside one storage method (cache update, dequantization) 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 import kvlab
 from kvlab.device import synchronize
-from kvlab.results import git_hash, machine, versions
+from kvlab.results import git_hash, machine, versions, write_json_atomic, write_text_atomic
 from kvlab.stream import feed
 
 
@@ -79,6 +78,5 @@ def run_meta(model: Any, args: Any) -> dict[str, Any]:
 
 def write(stem: Path, rows: list[dict], table: str, meta: dict[str, Any]) -> None:
     """``stem``.json (rows + :func:`run_meta`) and ``stem``.md (the table)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table + "\n")
+    write_json_atomic(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
+    write_text_atomic(stem.with_suffix(".md"), table + "\n")
