@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "kvlab.cli.models",
     "kvlab.cli.heads",
     "kvlab.cli.evals",
+    "kvlab.cli.ruler",
     "kvlab.cli.lab",
     "kvlab.cli.compare",
     "kvlab.cli.doctor",

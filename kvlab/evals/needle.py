@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -72,17 +73,8 @@ def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = 
     start = time.perf_counter()
     for sample, (ctx, question) in tqdm(list(zip(samples, encoded)), desc=f"needle {method}", disable=not progress,
                                         leave=False):
-        ctx_ids = torch.tensor([ctx], device=model.device)
-        q_ids = torch.tensor([question], device=model.device)
-        cache = make_cache(model, method)
-        if params.question_aware:
-            ids = torch.cat((ctx_ids, q_ids), dim=1)
-            logits = feed(model, cache, ids, ids.shape[1])
-        else:
-            feed(model, cache, ctx_ids, params.chunk_size)
-            logits = feed(model, cache, q_ids, q_ids.shape[1])
-        tokens = list(greedy(model, cache, logits, params.max_new_tokens, eos))
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        text, cache = ask(model, tokenizer, method, ctx, question, question_aware=params.question_aware,
+                          chunk_size=params.chunk_size, max_new_tokens=params.max_new_tokens, eos=eos)
         correct += is_correct(text, sample.answer)
         answers.append(text.strip())
         peak, full, kept = max(peak, cache.peak_nbytes), max(full, cache.full_nbytes()), max(kept, cache.nbytes())
@@ -90,3 +82,23 @@ def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = 
     return {"accuracy": correct / len(samples), "correct": correct, **base, "kv_bytes_peak": peak,
             "kv_bytes": kept, "kv_bytes_full": full, "compression_ratio": 1.0 - peak / full if full else None, "runtime_s": runtime,
             "answers": answers, "expected": [s.answer for s in samples]}
+
+
+def ask(model: Any, tokenizer: Any, method: str, context: list[int], question: list[int], *, question_aware: bool,
+        chunk_size: int, max_new_tokens: int, eos: set[int]) -> tuple[str, Any]:
+    """Greedy answer to one prompt on a fresh ``method`` cache: ``(decoded text, the cache)``.
+
+    Question-agnostic (``question_aware=False``): the ``context`` ids stream through the cache ``chunk_size``
+    at a time (compressed between chunks), then the ``question`` ids in one pass. Question-aware: context and
+    question are one prefill. The cache is returned for its byte counts."""
+    ctx_ids = torch.tensor([context], device=model.device)  # (1, n)
+    q_ids = torch.tensor([question], device=model.device)  # (1, q)
+    cache = make_cache(model, method)
+    if question_aware:
+        ids = torch.cat((ctx_ids, q_ids), dim=1)  # (1, n + q)
+        logits = feed(model, cache, ids, ids.shape[1])
+    else:
+        feed(model, cache, ctx_ids, chunk_size)
+        logits = feed(model, cache, q_ids, q_ids.shape[1])  # (1, vocab)
+    tokens = list(greedy(model, cache, logits, max_new_tokens, eos))
+    return tokenizer.decode(tokens, skip_special_tokens=True), cache
