@@ -26,6 +26,7 @@ from kvlab.errors import KvlabError, unknown
 EVALS: dict[str, str] = {
     "ppl": "kvlab.evals.ppl",
     "needle": "kvlab.evals.needle",
+    "ruler": "kvlab.evals.ruler",
     "memory": "kvlab.evals.memory",
     "latency": "kvlab.evals.latency",
     "translate": "kvlab.evals.translate",
