@@ -23,7 +23,6 @@ in one pass on a cache that then grows without eviction (:func:`unbound` lifts e
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +34,7 @@ from kvlab.compare import kvpress as kp
 from kvlab.compare.kvpress_worker import peak_rss_bytes, reset_peak_rss  # the worker's own RSS measure
 from kvlab.device import synchronize
 from kvlab.errors import KvlabError, unknown
+from kvlab.evals.haystack import grade  # the one passkey grader (side_by_side re-exports it)
 
 METHODS = ("streaming", "h2o", "head-aware", "haq", "full")
 NEEDS_PROFILE = ("head-aware", "haq")
@@ -67,29 +67,15 @@ def method_spec(method: str, kept: int, profile: str | None = None) -> str:
     return "full"
 
 
-def grade(text: str, answer: str) -> tuple[bool, bool]:
-    """(contains, exact_match) of a generated ``text``: the worker's rule (the answer as a whole word; the
-    whole answer, spaces collapsed and outer dots dropped)."""
-    import re
-
-    contains = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", text) is not None
-    return contains, " ".join(text.split()).strip(" .") == answer.strip()
-
-
 def compress_now(cache: KVCache) -> None:
     """Evict every group down to its budget now (the cache otherwise does it before the next tokens arrive)."""
-    for layer in cache.layers:
-        for seg in layer.segments:
-            seg.compress()
+    cache.compress()
 
 
 def unbound(cache: KVCache) -> None:
     """Lift the budget of every group of every full-attention layer: from now on the cache only grows.
     Sliding-window layers keep their window (that is the model's own attention, not compression)."""
-    for layer in cache.layers:
-        if not layer.is_sliding:
-            for seg in layer.segments:
-                seg.group = dataclasses.replace(seg.group, budget=None)
+    cache.stop_evicting()
 
 
 def accounting(cache: KVCache) -> dict[str, Any]:

@@ -93,6 +93,14 @@ def is_correct(generated: str, answer: str) -> bool:
     return match is not None and match.group(0) == answer
 
 
+def grade(generated: str, answer: str) -> tuple[bool, bool]:
+    """``(contains, exact_match)`` of a generated text, the rule of kvpress's side of ``kvlab compare`` (its
+    worker, which cannot import kvlab, repeats it): the answer as a whole word anywhere; the whole text,
+    spaces collapsed and outer dots dropped, equal to the answer."""
+    contains = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", generated) is not None
+    return contains, " ".join(generated.split()).strip(" .") == answer.strip()
+
+
 def make_samples(tokenizer: Any, length: int, depths: list[float], seed: int = 0, *, data: str = "pydoc",
                  variant: str = "passkey", keys: int = 4, n: int = 1, text: str | None = None) -> list[Sample]:
     """``n`` samples per depth (sample-major order) of about ``length`` context tokens.
