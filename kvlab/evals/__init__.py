@@ -34,6 +34,22 @@ EVALS: dict[str, str] = {
 }
 
 
+def register_eval(name: str, module: str) -> None:
+    """Register the evaluation module at import path ``module`` under ``name`` (for plug-ins and tests).
+
+    The module follows the contract above; it is imported only when used. A name already taken by
+    another module is a KvlabError.
+    """
+    if EVALS.get(name, module) != module:
+        raise KvlabError(f"evaluation '{name}' is already registered as {EVALS[name]}")
+    EVALS[name] = module
+
+
+def unregister_eval(name: str) -> None:
+    """Remove the evaluation registered under ``name`` (nothing happens if there is none)."""
+    EVALS.pop(name, None)
+
+
 def get_eval(name: str) -> ModuleType:
     """The evaluation module registered under ``name`` (KvlabError with a suggestion if unknown)."""
     if name not in EVALS:
