@@ -2,18 +2,26 @@
 
 The evaluation follows the contract of :mod:`kvlab.evals` (``Params``, ``HIGHER_IS_BETTER``,
 ``evaluate``) with metrics that depend only on the method spec, the settings and the model name, so the
-local and Ray executors must give equal rows. Register it with ``monkeypatch.setitem(kvlab.evals.EVALS,
-"fake", "lab_fakes")`` (tests/ is on sys.path under pytest).
+local and Ray executors must give equal rows. Register it with ``with lab_fakes.registered(): ...`` (through
+:func:`kvlab.evals.register_eval`; tests/ is on sys.path under pytest).
+
+A killed-sweep test stops a sweep part-way without depending on timing: with ``$LAB_FAKES_LOG`` and
+``$LAB_FAKES_HOLD_AFTER=N`` set, every cell after the first N of the log blocks, having created the file
+``$LAB_FAKES_LOG.held``, until the file ``$LAB_FAKES_LOG.go`` exists (or the process is signalled).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kvlab.errors import KvlabError
+from kvlab.evals import register_eval, unregister_eval
 from kvlab.results import make_row
 from kvlab.spec import parse_spec
 
@@ -28,7 +36,6 @@ class Params:
     tokens: int = 256
     seed: int = 0
     fail_on: str = ""  # evaluate raises for this method name (or the one in $LAB_FAKES_FAIL)
-    sleep_s: float = 0.0  # lets a test interrupt a sweep in the middle
 
     def __post_init__(self) -> None:
         if self.tokens <= 0:
@@ -53,8 +60,7 @@ def evaluate(model: Any, tokenizer: Any, method: str, params: Params, *, progres
     if log:
         with open(log, "a") as fh:
             fh.write(f"{model.name}|{method}|{params.tokens}|{params.seed}\n")
-    if params.sleep_s:
-        time.sleep(params.sleep_s)
+        _hold(Path(log))
     kept = kept_tokens(method, params.tokens)
     frac = kept / params.tokens
     base = 10.0 + len(model.name) % 5 + (1.0 if params.data != "synthetic" else 0.0)
@@ -64,6 +70,30 @@ def evaluate(model: Any, tokenizer: Any, method: str, params: Params, *, progres
             "tokens_per_s": params.tokens / runtime, "kv_bytes_peak": kept * 1000,
             "kv_bytes_full": params.tokens * 1000,
             "compression_ratio": params.tokens / kept}
+
+
+def _hold(log: Path, patience_s: float = 600.0) -> None:
+    """Block this cell while it comes after the first ``$LAB_FAKES_HOLD_AFTER`` cells of the log, until the
+    test creates ``<log>.go``; ``<log>.held`` tells the test that a cell is held (so every earlier row is written)."""
+    after = os.environ.get("LAB_FAKES_HOLD_AFTER")
+    if after is None or log.read_text().count("\n") <= int(after):
+        return
+    Path(f"{log}.held").touch()
+    deadline = time.monotonic() + patience_s  # a safety net only: the test signals or gives the go-ahead
+    while not Path(f"{log}.go").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no go-ahead ({log}.go) within {patience_s:.0f} s")
+        time.sleep(0.01)
+
+
+@contextmanager
+def registered() -> Iterator[None]:
+    """The fake evaluation registered as ``"fake"`` while the block runs."""
+    register_eval("fake", __name__)
+    try:
+        yield
+    finally:
+        unregister_eval("fake")
 
 
 class FakeConfig:

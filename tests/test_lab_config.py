@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 import kvlab.cli.main as cli_main
-import kvlab.evals
 import lab_fakes
 from kvlab.errors import KvlabError
 from kvlab.lab import worker
@@ -21,8 +20,9 @@ BASE = {"name": "t", "models": ["smollm2-135m"], "methods": ["full", "streaming:
 
 
 @pytest.fixture(autouse=True)
-def fake_eval(monkeypatch):
-    monkeypatch.setitem(kvlab.evals.EVALS, "fake", "lab_fakes")
+def fake_eval():
+    with lab_fakes.registered():
+        yield
 
 
 def write(tmp_path: Path, raw: dict) -> Path:

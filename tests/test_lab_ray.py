@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-import kvlab.evals
 import lab_fakes
 from kvlab.errors import KvlabError
 from kvlab.lab.config import parse_config
@@ -20,8 +19,9 @@ TIMINGS = {"runtime_s", "tokens_per_s"}
 
 
 @pytest.fixture(autouse=True)
-def fake_eval(monkeypatch):
-    monkeypatch.setitem(kvlab.evals.EVALS, "fake", "lab_fakes")
+def fake_eval():
+    with lab_fakes.registered():
+        yield
 
 
 def test_ray_rows_equal_local_rows(tmp_path, monkeypatch):
