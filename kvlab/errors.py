@@ -6,8 +6,10 @@ import difflib
 from collections.abc import Iterable
 
 
-class KvlabError(Exception):
+class KvlabError(ValueError):
     """An error caused by the user's input or environment, with a message that says what to do.
+
+    It is a ``ValueError``, so Python code that catches bad values catches it too.
 
     The CLI catches it, prints ``kvlab: error: <message>`` on stderr and exits with code 2,
     without a traceback and without writing a partial result.

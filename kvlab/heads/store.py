@@ -173,5 +173,7 @@ class HeadProfile:
         known = set(cls.__dataclass_fields__)
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
+        except KvlabError:  # __post_init__ said what is wrong (KvlabError is a ValueError too)
+            raise
         except (TypeError, AttributeError, ValueError) as exc:
             raise KvlabError(f"head profile {path} is incomplete or malformed: {exc}") from None
