@@ -24,7 +24,7 @@ from timing import Inside, decode, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
-from kvlab.kv import Segment
+from kvlab.storage.dense import Segment
 
 OUT = Path(__file__).resolve().parent / "results"
 

@@ -28,7 +28,7 @@ from timing import Inside, decode, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
-from kvlab.kv_quant import QuantSegment
+from kvlab.storage.quantized import QuantSegment
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = "full;streaming:sinks=4,window=1020;head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2"

@@ -1,16 +1,20 @@
 """The one module that touches transformers' cache and attention internals (transformers 5.20-5.23).
 
-* :class:`KVLayer` — a ``CacheLayerMixin`` holding one :class:`~kvlab.kv.Segment` per head group.
+* :class:`KVLayer` — a ``CacheLayerMixin`` holding one :class:`~kvlab.storage.Storage` per head group.
 * :class:`KVCache` — a ``transformers.Cache`` of KVLayers with byte accounting; pass it to
   ``model.generate(past_key_values=cache)`` or to a hand-written forward loop.
-* :func:`kvlab_attention` — registered as attention implementation ``"kvlab"``. The cache tags the
-  key tensor it returns with its layer; tagged calls are computed by the layer (per-group
-  lengths, exact masks after eviction, H2O scores); untagged calls fall through to ``sdpa``.
+* :class:`JoinedCache` — a cache whose tokens also attend to every token another cache kept
+  (the target side of group positions in streaming translation).
+* :func:`kvlab_attention` / :func:`kvlab_mask` — the attention implementation ``"kvlab"`` and its mask.
+  ``update`` only hands the new keys to the layer; the layer evicts, appends and attends when the
+  attention function reaches it with the new tokens' padding. Any other cache falls through to sdpa.
 * :func:`make_cache` — the public entry point.
 
-Positions: the cache reports ``get_seq_length() == tokens seen``, so the model rotates new tokens
-at their true positions (whether or not ``generate`` passes ``position_ids``); re-indexing is done
-inside the storage (see :mod:`kvlab.kv`).
+Positions: the cache reports ``get_seq_length() == tokens seen``, so the model rotates new tokens at
+their true positions; re-indexing is done inside the storage (see :mod:`kvlab.storage.dense`). A padded
+batch must number its tokens as ``generate`` does (``position_ids = cumsum(attention_mask) - 1``).
+Masks: the mask of a forward pass covers only its new tokens; it is None unless one of them is padding
+(then ``(B, q)`` bool), so no ``q x n`` mask is ever built here.
 """
 
 from __future__ import annotations
@@ -25,16 +29,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvlab.errors import KvlabError
-from kvlab.kv import Rotary, Segment, make_segment
-from kvlab.methods.base import Group, LayerInfo, Method
-from kvlab.methods.streaming_llm import StreamingLLM
+from kvlab.families import check_supported, layer_infos, layer_kinds, rope_layers
+from kvlab.methods.base import Method
+from kvlab.storage import Group, LayerInfo, RecentWindow, Rotary, Storage, make_segment
 
 ATTN_NAME = "kvlab"
 _TAG = "_kvlab_layer"
 
 
 class KVLayer(CacheLayerMixin):
-    """One attention layer's compressed cache: a :class:`Segment` per group of KV heads."""
+    """One attention layer's compressed cache: a :class:`Storage` per group of KV heads."""
 
     is_compileable = False
     is_croppable = False
@@ -46,56 +50,49 @@ class KVLayer(CacheLayerMixin):
             groups = [_cap_sliding(g, info.sliding_window) for g in groups]
         self.info = info
         self.is_sliding = info.sliding_window is not None
-        self.segments = [make_segment(g, rotary) for g in groups]
-        # one dense group: attention can read its tensors directly (and sdpa could, untagged)
-        self.single = len(self.segments) == 1 and type(self.segments[0]) is Segment
+        self.segments: list[Storage] = [make_segment(g, rotary) for g in groups]
         self.seen = 0  # tokens fed through this layer so far
         self.last_q = 0
+        self.on_filled: Callable[[], None] | None = None  # called after this layer took a forward pass's tokens
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._qidx: list[torch.Tensor] = []
 
     # -- transformers' layer API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        g = self.info.num_heads // self.info.num_kv_heads
         for seg in self.segments:
             seg.heads = seg.heads.to(self.device)
+        self._qidx = [(seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten() for seg in self.segments]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evict down to budget, append ``(B, kv_heads, q, D)`` new states, return what to attend."""
+        """Hold the ``(B, kv_heads, q, D)`` new states for :meth:`attend`; return a tagged empty tensor that
+        only kvlab's attention function can read."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        whole = len(self.segments) == 1
-        for seg in self.segments:
-            k, v = (key_states, value_states) if whole else (key_states.index_select(1, seg.heads),
-                                                               value_states.index_select(1, seg.heads))
-            if isinstance(seg, Segment):
-                seg.push(k, v)  # eviction and append in one copy
-            else:
-                seg.compress()
-                seg.append(k, v)
+        self._pending = (key_states, value_states)
         self.last_q = key_states.shape[-2]
         self.seen += self.last_q
-        if self.single:
-            keys, values = self.segments[0].stored()  # as stored: a turned ring is read without a mask
-        else:  # only kvlab_attention can read a multi-group layer: give sdpa nothing it could misuse
-            keys = values = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
-        keys.__dict__[_TAG] = self
-        return keys, values
+        empty = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        empty.__dict__[_TAG] = self
+        return empty, empty
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        n = max(seg.length_after_compress() for seg in self.segments)
-        return n + query_length, self.seen - n
+        return query_length, self.seen  # the mask covers the new tokens only (kvlab_mask reads their padding)
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
         for seg in self.segments:
-            seg.keys = seg.values = seg.scores = None
+            seg.clear()
         self.seen = self.last_q = 0
+        self._pending = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise KvlabError("a compressed KV cache cannot be cropped (assisted decoding is not supported)")
@@ -117,15 +114,29 @@ class KVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(seg.nbytes() for seg in self.segments)
 
-    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None) -> torch.Tensor:
-        """``query (B, heads, q, D)`` → attention output ``(B, heads, q, D)``."""
+    def source_nbytes(self) -> int:
+        """The part of :meth:`nbytes` that keeps exact originals of re-indexed keys (e.g. StreamingLLM's sinks)."""
+        return sum(seg.source_nbytes() for seg in self.segments)
+
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
+               valid: torch.Tensor | None = None, prefix: KVLayer | None = None) -> torch.Tensor:
+        """Store the pending tokens (``valid (B, q)``: which are real), then ``query (B, heads, q, D)`` →
+        attention output ``(B, heads, q, D)`` over the kept tokens (after ``prefix``'s, all visible)."""
+        pending, self._pending = self._pending, None
         if len(self.segments) == 1:
-            return self.segments[0].attend(query, scaling, sliding_window)
-        g = query.shape[1] // self.info.num_kv_heads
-        out = torch.empty_like(query)
-        for seg in self.segments:
-            qidx = (seg.heads[:, None] * g + torch.arange(g, device=query.device)).flatten()
-            out[:, qidx] = seg.attend(query.index_select(1, qidx), scaling, sliding_window)
+            seg = self.segments[0]
+            if pending is not None:
+                seg.push(*pending, valid)
+            out = seg.attend(query, scaling, window, softcap, prefix=prefix.segments[0] if prefix else None)
+        else:
+            out = torch.empty_like(query)
+            for i, (seg, qidx) in enumerate(zip(self.segments, self._qidx)):
+                if pending is not None:
+                    seg.push(pending[0].index_select(1, seg.heads), pending[1].index_select(1, seg.heads), valid)
+                out[:, qidx] = seg.attend(query.index_select(1, qidx), scaling, window, softcap,
+                                          prefix=prefix.segments[i] if prefix else None)
+        if self.on_filled is not None:
+            self.on_filled()
         return out
 
 
@@ -137,12 +148,10 @@ class KVCache(Cache):
         super().__init__(layers=layers)
         self.method = method
         self.peak_nbytes = 0
+        layers[-1].on_filled = self._note_peak
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == len(self.layers) - 1:
-            self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
-        return out
+    def _note_peak(self) -> None:
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes())
 
     def nbytes(self) -> int:
         """Bytes held now by the kept keys and values (and quantization scales), all layers."""
@@ -153,7 +162,7 @@ class KVCache(Cache):
         return self.layers[0].seen
 
     def kept_tokens(self) -> list[list[int]]:
-        """Tokens held per layer per KV head (head order of the model)."""
+        """Tokens held per layer per KV head (head order of the model), padding included."""
         out = []
         for layer in self.layers:
             per_head = [0] * layer.info.num_kv_heads
@@ -174,71 +183,156 @@ class KVCache(Cache):
             total += 2 * tokens * layer.info.num_kv_heads * layer.info.head_dim * elsize
         return total
 
+    def compress(self) -> None:
+        """Evict every group down to its budget now (otherwise done before the next tokens arrive)."""
+        for layer in self.layers:
+            for seg in layer.segments:
+                seg.compress()
+
+    def stop_evicting(self) -> None:
+        """Lift the budget of every group of every full-attention layer: from now on the cache only grows.
+        Sliding-window layers keep their window (the model's own attention, not compression)."""
+        for layer in self.layers:
+            if not layer.is_sliding:
+                for seg in layer.segments:
+                    seg.group = dataclasses.replace(seg.group, budget=None)
+
+    def drop_last(self) -> None:
+        """Forget the newest token of every layer (right after the forward pass that appended it)."""
+        for layer in self.layers:
+            for seg in layer.segments:
+                seg.drop_last()
+            layer.seen -= 1
+
+
+class _JoinedLayer(CacheLayerMixin):
+    """One layer seen from ``own``'s side: new tokens go to ``own``; they attend to ``prefix``'s kept
+    tokens (all visible) and causally to ``own``'s."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, prefix: KVLayer, own: KVLayer):
+        super().__init__()
+        if prefix.info.sliding_window is not None:
+            raise KvlabError("group positions do not support sliding-window layers (e.g. Gemma-3); use batch positions")
+        if any(seg.group.bits < 16 for seg in (*prefix.segments, *own.segments)):
+            raise KvlabError("group positions support 16-bit methods only (a quantized part cannot give back its last "
+                             "token); use batch positions for quant/haq")
+        self.prefix, self.own, self.info = prefix, own, own.info
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the two wrapped layers initialize themselves
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        empty, _ = self.own.update(key_states, value_states)
+        empty.__dict__[_TAG] = self
+        return empty, empty
+
+    def get_seq_length(self) -> int:
+        return self.own.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, self.own.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.own.attend(query, scaling, None, softcap, valid, prefix=self.prefix)
+
+
+class JoinedCache(Cache):
+    """Feed tokens through ``own`` while they also see every token ``prefix`` keeps: two fresh
+    :func:`make_cache` caches of the same method, each compressing (and re-indexing) itself."""
+
+    def __init__(self, prefix: KVCache, own: KVCache):
+        super().__init__(layers=[_JoinedLayer(p, o) for p, o in zip(prefix.layers, own.layers)])
+        self.prefix, self.own = prefix, own
+
+    def nbytes(self) -> int:
+        return self.prefix.nbytes() + self.own.nbytes()
+
+
+def kvlab_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+               attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """The mask of a forward pass through a kvlab cache, which covers only the ``q`` new tokens: None
+    when none of them is padding, else their validity ``(B, q)`` bool (one check per forward pass, as
+    transformers' sdpa mask makes). Any other cache gets transformers' sdpa mask."""
+    if kv_length != q_length or kv_offset != q_offset or attention_mask is None:
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    valid = attention_mask[:, kv_offset:kv_offset + q_length].bool()
+    if valid.shape[-1] < q_length:  # a mask shorter than the input: the rest is real
+        valid = torch.nn.functional.pad(valid, (0, q_length - valid.shape[-1]), value=True)
+    return None if bool(valid.all()) else valid
+
 
 def kvlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                    sliding_window: int | None = None, softcap: float | None = None, **kwargs
+                    ) -> tuple[torch.Tensor, None]:
     """transformers attention function: the tagged layer computes, anything else goes to sdpa."""
     layer = key.__dict__.get(_TAG)
     if layer is None:
+        if softcap is not None:
+            raise KvlabError("kvlab's attention with another cache cannot soft-cap logits; use a kvlab cache, or "
+                             "model.set_attn_implementation('eager')")
+        if attention_mask is not None and attention_mask.dim() == 2:  # a prefill: kvlab_mask gave the padding
+            q = query.shape[-2]
+            causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+            attention_mask = causal & attention_mask[:, None, None, :]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, sliding_window=sliding_window, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise KvlabError("attention logit soft-capping (Gemma-2) is not supported by kvlab's cache yet")
+    valid = None
+    if attention_mask is not None:  # (B, q) from kvlab_mask; a 4D mask's diagonal says the same
+        valid = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        valid = valid.bool()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = layer.attend(query, scale, sliding_window or layer.info.sliding_window)
+    out = layer.attend(query, scale, sliding_window or layer.info.sliding_window, softcap, valid)
     return out.transpose(1, 2).contiguous(), None
 
 
 def use_kvlab_attention(model: PreTrainedModel) -> None:
     """Register and select the ``"kvlab"`` attention implementation (sdpa for any other cache)."""
     AttentionInterface.register(ATTN_NAME, kvlab_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, kvlab_mask)
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
 
 
-def layer_infos(model: PreTrainedModel) -> list[LayerInfo]:
-    """Shapes of every attention layer, from the model's (text) config."""
-    cfg = model.config.get_text_config()
-    n = cfg.num_hidden_layers
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
-    window = getattr(cfg, "sliding_window", None)
-    return [LayerInfo(index=i, num_layers=n, num_kv_heads=kv, num_heads=heads, head_dim=head_dim,
-                      sliding_window=window if types[i] == "sliding_attention" else None) for i in range(n)]
-
-
 def rotaries(model: PreTrainedModel) -> list[Rotary | None]:
-    """The RoPE frequencies each layer rotates its keys with (None for a model without RoPE)."""
+    """The RoPE frequencies each layer rotates its keys with (None for a layer without RoPE)."""
     cfg = model.config.get_text_config()
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     rope = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
-    if rope is None:
-        return [None] * len(types)
-    out = []
-    for t in types:
-        inv = getattr(rope, f"{t}_inv_freq", None)
-        out.append(Rotary(inv if inv is not None else rope.inv_freq))
+    out: list[Rotary | None] = []
+    for kind, uses_rope in zip(layer_kinds(cfg), rope_layers(cfg)):
+        inv = None
+        if rope is not None and uses_rope:
+            inv = getattr(rope, f"{kind}_inv_freq", None)
+            inv = rope.inv_freq if inv is None else inv
+        out.append(None if inv is None else Rotary(inv))
     return out
 
 
 def make_cache(model: PreTrainedModel, method: str | Method = "full") -> KVCache:
     """A fresh compressed cache for ``model`` running ``method`` (a spec string or a Method).
 
-    Switches the model to kvlab's attention implementation (identical to sdpa for any other
-    cache). Use one cache per sequence: it is filled by the forward passes it is given to.
+    Refuses, before any forward pass, a model whose attention kvlab cannot reproduce exactly
+    (:func:`kvlab.families.check_supported`). Switches the model to kvlab's attention implementation
+    (identical to sdpa for any other cache). Use one cache per batch of sequences.
     """
     from kvlab.methods.registry import build
 
     m = build(method) if isinstance(method, str) else method
+    check_supported(model)
     m.prepare(model)
     use_kvlab_attention(model)
     infos = layer_infos(model)
     rots = rotaries(model)
-    if m.reindex and rots[0] is None:
+    if m.reindex and all(r is None for r in rots):
         raise KvlabError(f"method '{m.name}' re-indexes positions, which needs a RoPE model")
     return KVCache([KVLayer(info, m.plan(info), rot) for info, rot in zip(infos, rots)], m)
 
@@ -257,4 +351,4 @@ def _cap_sliding(group: Group, window: int) -> Group:
     if group.budget is not None and group.budget < cap:
         return group
     # replace(): a subclass's fields (a QuantGroup's group_size and residual) survive the cap
-    return dataclasses.replace(group, budget=cap, scorer=StreamingLLM(sinks=0, window=cap))
+    return dataclasses.replace(group, budget=cap, scorer=RecentWindow(cap))

@@ -21,8 +21,7 @@ def feed(seg, k0: torch.Tensor, v: torch.Tensor, chunk: int) -> None:
     before each chunk."""
     for s in range(0, k0.shape[2], chunk):
         e = min(k0.shape[2], s + chunk)
-        seg.compress()
-        seg.append(rope(k0[:, :, s:e], torch.arange(s, e)), v[:, :, s:e])
+        seg.push(rope(k0[:, :, s:e], torch.arange(s, e)), v[:, :, s:e])
 
 
 def masked_dense_attention(layer, query: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,8 @@ def test_tight_budget_is_kept_and_accounted(request, tmp_path, family, method, c
         assert all(k <= budget + last for k in kept), kept
         per_token = 2 * layer.info.head_dim * 4  # key + value, float32
         if all(seg.group.bits == 16 for seg in layer.segments):
-            assert layer.nbytes() == sum(kept) * per_token
+            assert layer.nbytes() - layer.source_nbytes() == sum(kept) * per_token
+            assert layer.source_nbytes() <= 4 * layer.info.num_kv_heads * layer.info.head_dim * 4  # sinks' originals
         else:  # quantized groups: packed codes + scales + a full-precision residual, less than dense
             assert 0 < layer.nbytes() < sum(kept) * per_token
     assert cache.seen_tokens == SEQ
@@ -90,7 +91,7 @@ def test_tight_budget_changes_logits(llama, tmp_path, method):
 @pytest.mark.parametrize("method", sorted(LOSSLESS))
 def test_generate_with_cache_matches_full(llama, tmp_path, method):
     ids = _ids(3, 12)
-    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))  # no padding
     ref = llama.generate(ids, **kwargs)
     cache = make_cache(llama, LOSSLESS[method](40, tmp_path, llama))
     out = llama.generate(ids, past_key_values=cache, **kwargs)

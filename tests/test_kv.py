@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.kv import Rotary, Segment, _mask, keep_indices
 from kvlab.methods.base import Group
+from kvlab.storage import Rotary, keep_indices
+from kvlab.storage.attention import block_mask
+from kvlab.storage.dense import Segment
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
 from references import D, INV_FREQ
@@ -19,7 +21,7 @@ from references import rope as _rope
 def test_streaming_keeps_sinks_and_window_and_reindexes(chunk):
     g = torch.Generator().manual_seed(0)
     k0, v = torch.randn(1, 2, 40, D, generator=g), torch.randn(1, 2, 40, D, generator=g)
-    seg = Segment(Group(heads=(0, 1), budget=6, scorer=StreamingLLM(sinks=2, window=4)), Rotary(INV_FREQ), True)
+    seg = Segment(Group(heads=(0, 1), budget=6, scorer=StreamingLLM(sinks=2, window=4)), Rotary(INV_FREQ))
     _feed(seg, k0, v, chunk)
     seg.compress()
     kept = [0, 1, 36, 37, 38, 39]
@@ -36,7 +38,7 @@ def test_decode_steps_turn_a_ring_in_place_and_read_back_in_time_order(sinks):
     g = torch.Generator().manual_seed(5)
     k0, v = torch.randn(1, 2, 46, D, generator=g), torch.randn(1, 2, 46, D, generator=g)
     seg = Segment(Group(heads=(0, 1), budget=sinks + 4, scorer=StreamingLLM(sinks=sinks, window=4)),
-                  Rotary(INV_FREQ), True)
+                  Rotary(INV_FREQ))
     seg.push(_rope(k0[:, :, :10], torch.arange(10)), v[:, :, :10])
     buffer = None
     for t in range(10, 40):
@@ -64,7 +66,7 @@ def test_decode_steps_turn_a_ring_in_place_and_read_back_in_time_order(sinks):
 def test_batch_reorder_of_a_turned_ring_keeps_each_rows_time_order():
     g = torch.Generator().manual_seed(6)
     k0, v = torch.randn(2, 1, 20, D, generator=g), torch.randn(2, 1, 20, D, generator=g)
-    seg = Segment(Group(heads=(0,), budget=6, scorer=StreamingLLM(sinks=2, window=4)), Rotary(INV_FREQ), True)
+    seg = Segment(Group(heads=(0,), budget=6, scorer=StreamingLLM(sinks=2, window=4)), Rotary(INV_FREQ))
     seg.push(_rope(k0[:, :, :8], torch.arange(8)), v[:, :, :8])
     for t in range(8, 20):
         seg.push(_rope(k0[:, :, t:t + 1], torch.tensor([t])), v[:, :, t:t + 1])
@@ -79,7 +81,7 @@ def test_frame_distances_equal_literal_reindexing():
     g = torch.Generator().manual_seed(1)
     k0 = torch.randn(1, 1, 25, D, generator=g)
     q0 = torch.randn(D, generator=g)
-    seg = Segment(Group(heads=(0,), budget=7, scorer=StreamingLLM(sinks=3, window=4)), Rotary(INV_FREQ), True)
+    seg = Segment(Group(heads=(0,), budget=7, scorer=StreamingLLM(sinks=3, window=4)), Rotary(INV_FREQ))
     _feed(seg, k0, torch.zeros_like(k0), 1)
     seg.compress()
     kept = [0, 1, 2, 21, 22, 23, 24]
@@ -89,9 +91,8 @@ def test_frame_distances_equal_literal_reindexing():
 
 
 def test_h2o_keeps_recent_and_heaviest_per_head():
-    seg = Segment(Group(heads=(0, 1), budget=4, scorer=H2O(budget=4, recent=2)), None, False)
-    seg.keys = torch.zeros(1, 2, 7, D)
-    seg.values = torch.arange(7.0).view(1, 1, 7, 1).expand(1, 2, 7, D).clone()
+    seg = Segment(Group(heads=(0, 1), budget=4, scorer=H2O(budget=4, recent=2)), None)
+    seg.push(torch.zeros(1, 2, 7, D), torch.arange(7.0).view(1, 1, 7, 1).expand(1, 2, 7, D).clone())
     seg.scores = torch.tensor([[[5.0, 0.1, 3.0, 0.2, 4.0, 0.0, 0.0], [0.0, 9.0, 0.0, 8.0, 0.0, 0.0, 0.0]]])
     seg.compress()
     assert seg.values[0, 0, :, 0].tolist() == [0, 4, 5, 6]
@@ -105,9 +106,8 @@ def test_h2o_pooling_keeps_a_heavy_hitters_neighbours():
     scores = torch.tensor([[[0.0, 0.1, 9.0, 0.2, 0.0, 3.0, 0.0, 2.5, 0.0, 0.0]]])
     kept = {}
     for pool in (1, 3):
-        seg = Segment(Group(heads=(0,), budget=5, scorer=H2O(budget=5, recent=2, pool=pool)), None, False)
-        seg.keys = torch.zeros(1, 1, 10, D)
-        seg.values = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 1, 10, D).clone()
+        seg = Segment(Group(heads=(0,), budget=5, scorer=H2O(budget=5, recent=2, pool=pool)), None)
+        seg.push(torch.zeros(1, 1, 10, D), torch.arange(10.0).view(1, 1, 10, 1).expand(1, 1, 10, D).clone())
         seg.scores = scores.clone()
         seg.compress()
         kept[pool] = seg.values[0, 0, :, 0].tolist()
@@ -120,9 +120,9 @@ def test_h2o_pooling_keeps_a_heavy_hitters_neighbours():
 
 def test_scores_accumulate_attention_mass():
     """Every query spreads probability 1 over the keys: the accumulated scores sum to the query count."""
-    seg = Segment(Group(heads=(0,), budget=None, scorer=H2O(budget=100, recent=1)), None, False)
+    seg = Segment(Group(heads=(0,), budget=None, scorer=H2O(budget=100, recent=1)), None)
     g = torch.Generator().manual_seed(2)
-    seg.append(torch.randn(1, 1, 5, D, generator=g), torch.randn(1, 1, 5, D, generator=g))
+    seg.push(torch.randn(1, 1, 5, D, generator=g), torch.randn(1, 1, 5, D, generator=g))
     seg.attend(torch.randn(1, 2, 5, D, generator=g), D ** -0.5, None)  # GQA: 2 query heads
     assert torch.allclose(seg.scores.sum(), torch.tensor(5.0), atol=1e-5)
     assert seg.scores[0, 0, 0] > seg.scores[0, 0, 4]  # causal: the first key is seen by every query
@@ -134,8 +134,8 @@ def test_keep_indices_sorted_in_time():
 
 
 def test_mask_causal_and_sliding():
-    m = _mask(3, 6, None, torch.device("cpu"))
+    m = block_mask(0, 3, 3, 6)
     assert m.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    w = _mask(2, 6, 3, torch.device("cpu"))
+    w = block_mask(0, 2, 2, 6, window=3)
     assert w.tolist() == [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
-    assert _mask(1, 6, None, torch.device("cpu")) is None
+    assert block_mask(0, 1, 1, 6).all()  # one query sees every key (attention then needs no mask)

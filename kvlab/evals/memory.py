@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvlab.cache import layer_infos, make_cache
+from kvlab.cache import make_cache
+from kvlab.families import layer_infos
 from kvlab.data import load_text, tokenize
 from kvlab.evals.common import StreamParams, position_note
 from kvlab.evals.peakmem import PeakMemory

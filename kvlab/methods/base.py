@@ -13,41 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.storage import Group, LayerInfo, Storage
 
-if TYPE_CHECKING:
-    from kvlab.kv import Segment
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What a method may know about the attention layer it plans for."""
-
-    index: int
-    num_layers: int
-    num_kv_heads: int
-    num_heads: int
-    head_dim: int
-    sliding_window: int | None = None  # a sliding-window layer (Gemma-3 local layers) keeps < this many tokens
-
-
-@dataclass(frozen=True)
-class Group:
-    """A set of KV heads of one layer that share a budget, a scorer and a bit width.
-
-    ``heads`` are KV-head indices (sorted); ``budget`` None means never evict; ``scorer`` is the
-    method whose :meth:`Method.score` picks the tokens to keep; ``bits`` 16 means full precision.
-    """
-
-    heads: tuple[int, ...]
-    budget: int | None
-    scorer: Method
-    bits: int = 16
-    label: str = "all"
+__all__ = ["Group", "LayerInfo", "Method", "positive"]
 
 
 @dataclass
@@ -72,14 +45,21 @@ class Method:
         """Split the layer's KV heads into groups. Default: one group, this method's capacity."""
         return [Group(heads=tuple(range(layer.num_kv_heads)), budget=self.capacity(), scorer=self)]
 
-    def score(self, seg: Segment) -> torch.Tensor:
+    def score(self, seg: Storage) -> torch.Tensor:
         """Score the ``seg.length`` cached tokens of a group: shape ``(n,)`` (same for every head)
-        or ``(batch, heads, n)``; the ``budget`` highest are kept. ``inf`` forces a keep."""
+        or ``(batch, heads, n)``; the ``budget`` highest are kept. ``inf`` forces a keep. Padding of a
+        batch row is never kept, whatever its score; ``seg.order`` numbers a row's real tokens."""
         raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
 
     def runs(self, n: int) -> list[tuple[int, int]] | None:
         """Optional fast path for positional methods: the ``(start, stop)`` runs of the ``n`` cached
         tokens to keep (the same for every head), instead of scoring them. Default: None (score)."""
+        return None
+
+    def observed(self) -> int | None:
+        """For a method that ``needs_scores``: the queries whose attention ``seg.scores`` holds. None
+        (default): every query since the token entered, accumulated (H2O); ``w``: the last ``w`` queries
+        of the newest forward pass only (SnapKV's observation window; 1 for TOVA)."""
         return None
 
     def spec(self) -> str:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
-from kvlab.kv import Segment
 from kvlab.methods.base import Method, positive
+from kvlab.storage import Storage
 
 
 @dataclass
@@ -45,7 +45,7 @@ class H2O(Method):
     def capacity(self) -> int:
         return self.budget
 
-    def score(self, seg: Segment) -> torch.Tensor:
+    def score(self, seg: Storage) -> torch.Tensor:
         s = seg.scores.clone()  # (batch, heads, n) accumulated attention
         if self.pool > 1:  # each token: the max over its neighbourhood (padding never wins: -inf)
             s = F.max_pool1d(s.flatten(0, -2)[:, None], self.pool, stride=1, padding=self.pool // 2).view_as(s)

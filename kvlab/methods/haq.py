@@ -3,15 +3,15 @@
 ``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32,exact_sinks=1]`` is
 :class:`~kvlab.methods.head_aware.HeadAware` (every option of ``head-aware`` works: class weights,
 ``sinks``, ``recent``, ``assign=uniform|shuffled``) whose heads are stored quantized
-(:mod:`kvlab.kv_quant`): ``bits=R/I/L`` gives the width of retrieval, induction and local heads in
+(:mod:`kvlab.storage.quantized`): ``bits=R/I/L`` gives the width of retrieval, induction and local heads in
 that order, each one of 2, 4, 8 or 16 (16 keeps that class dense); a single number applies to every
 class. Retrieval heads copy exact tokens from far back, so they keep the most bits; local heads only
 read the last few tokens and the sinks, so they tolerate the fewest.
 
-Eviction inside a quantized group is token-level, as for dense heads (see :mod:`kvlab.kv_quant`).
+Eviction inside a quantized group is token-level, as for dense heads (see :mod:`kvlab.storage.quantized`).
 The ``residual`` most recent tokens of a head stay in full precision and are never evicted; so do
 the ``sinks`` of local heads (``exact_sinks=1``, the default; ``exact_sinks=0`` quantizes them like
-any other token, as KIVI does: see :mod:`kvlab.kv_quant` for what they are worth). A head whose budget
+any other token, as KIVI does: see :mod:`kvlab.storage.quantized` for what they are worth). A head whose budget
 cannot hold ``residual + group_size - 1`` tokens besides its exact sinks gets a shorter residual,
 ``budget - sinks - group_size + 1`` (so a head never holds more than its budget between forward passes).
 """
@@ -22,9 +22,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
-from kvlab.kv_quant import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup
 from kvlab.methods.base import Group, LayerInfo, positive
 from kvlab.methods.head_aware import CLASSES, HeadAware
+from kvlab.storage import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup
 
 
 class ClassBits(str):

@@ -1,6 +1,6 @@
 """Uniform KIVI quantization of every head, no eviction: the ablation of HAQ-KV's per-class widths.
 
-``quant:bits=4[,group_size=32,residual=32]`` stores every KV head the way :mod:`kvlab.kv_quant`
+``quant:bits=4[,group_size=32,residual=32]`` stores every KV head the way :mod:`kvlab.storage.quantized`
 describes (KIVI: keys per channel, values per token, the ``residual`` newest tokens in full
 precision) and keeps every token. ``bits=16`` is the full cache.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvlab.errors import KvlabError
-from kvlab.kv_quant import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup
 from kvlab.methods.base import Group, LayerInfo, Method, positive
+from kvlab.storage import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup
 
 
 @dataclass

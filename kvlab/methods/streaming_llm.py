@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.kv import Segment
 from kvlab.methods.base import Method, positive
+from kvlab.storage import Storage
 
 
 @dataclass
@@ -36,8 +36,7 @@ class StreamingLLM(Method):
         # that evicts by blocks)
         return [(0, self.sinks), (n - self.window, n)] if self.sinks else [(n - self.window, n)]
 
-    def score(self, seg: Segment) -> torch.Tensor:
-        # recency, with the sinks forced in: (n,)
-        s = torch.arange(seg.length, dtype=torch.float32, device=seg.device)
-        s[: self.sinks] = float("inf")
-        return s
+    def score(self, seg: Storage) -> torch.Tensor:
+        # recency among a row's real tokens, with its first `sinks` real tokens forced in: (n,) or (B, h, n)
+        rank = seg.order.float()
+        return rank.masked_fill(rank < self.sinks, float("inf"))

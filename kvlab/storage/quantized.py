@@ -1,6 +1,6 @@
 """KIVI-quantized KV storage for one group of heads (HAQ-KV): pure torch, any device.
 
-A :class:`QuantSegment` stores what a dense :class:`~kvlab.kv.Segment` stores, quantized the KIVI
+A :class:`QuantSegment` stores what a dense :class:`~kvlab.storage.dense.Segment` stores, quantized the KIVI
 way (Liu et al. 2024): keys **per channel** in blocks of ``group_size`` tokens (every (head, channel)
 has a scale and zero point per block), values **per token** in groups of ``min(group_size, D)``
 channels; asymmetric, round-to-nearest, float16 scales (:mod:`kvlab.quant`). The ``residual`` most
@@ -29,7 +29,7 @@ order sinks, body, residual.
 
 Positions. Keys are stored **before RoPE**: each incoming key is un-rotated from its true position
 (the j-th key of a forward is at ``seen + j``). At attention time every kept key is dequantized and
-rotated to its frame position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.kv`), which is
+rotated to its frame position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.dense`), which is
 exact re-indexing with no drift however often tokens are evicted; when the group's scorer keeps
 original positions (H2O's default), to its true position instead, kept per body token (int32).
 KIVI quantizes post-RoPE keys; quantizing pre-RoPE keys per channel is the choice of KVQuant
@@ -51,46 +51,23 @@ The scores are float32 bookkeeping and, as for the dense segment, not counted in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
-from kvlab.kv import Rotary, _mask, keep_indices, scored_attention
-from kvlab.methods.base import Group
 from kvlab.quant import pack, quantize, unpack
-
-GROUP_SIZE = 32
-RESIDUAL = 32
-WIDTHS = (2, 4, 8, 16)
-
-
-@dataclass(frozen=True)
-class QuantGroup(Group):
-    """A :class:`Group` stored KIVI-quantized at ``bits`` (16: dense), ``group_size`` tokens per key
-    block, ``residual`` recent tokens in full precision."""
-
-    group_size: int = GROUP_SIZE
-    residual: int = RESIDUAL
-    exact_sinks: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits not in WIDTHS:
-            raise KvlabError(f"bits must be one of {', '.join(map(str, WIDTHS))}, got {self.bits!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise KvlabError(f"group_size must be a positive integer, got {self.group_size!r}")
-        if not isinstance(self.residual, int) or self.residual < 0:
-            raise KvlabError(f"residual must be a non-negative integer, got {self.residual!r}")
+from kvlab.storage.attention import attend
+from kvlab.storage.base import Storage, keep_indices
+from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group
+from kvlab.storage.rope import Rotary
 
 
 class QuantSegment:
     """The kept tokens of one group of KV heads, quantized (see the module docstring).
 
-    Same interface as :class:`~kvlab.kv.Segment`: ``compress()``, ``append(k, v)``, ``attend(...)``,
-    ``length``, ``length_after_compress()``, ``nbytes()``, ``device``, ``scores``. ``keys`` and
-    ``values`` read as dense ``(B, h, n, D)`` tensors (keys rotated to their positions); they cannot be
-    assigned, except to None (clear).
+    Implements :class:`~kvlab.storage.base.Storage`. ``keys`` and ``values`` read as dense ``(B, h, n, D)``
+    tensors (keys rotated to their positions). Padded batches are refused (not yet supported).
     """
 
     def __init__(self, group: Group, rotary: Rotary | None):
@@ -107,6 +84,7 @@ class QuantSegment:
         # the scorer's sinks (always kept), in full precision; none once a sliding layer's cap replaced the scorer
         self.sinks = getattr(group.scorer, "sinks", 0) if getattr(group, "exact_sinks", False) else 0
         self.needs_scores = group.scorer.needs_scores
+        self.observed = group.scorer.observed() if self.needs_scores else None
         self.clear()
 
     def clear(self) -> None:
@@ -154,6 +132,10 @@ class QuantSegment:
                 "scales": size(self.kscale, self.kzero, self.kblock, self.kpos, self.vscale, self.vzero),
                 "residual": size(self.rkeys, self.rvalues, self.skeys, self.svalues)}
 
+    def source_nbytes(self) -> int:
+        """Keys are kept before RoPE here: no separate originals."""
+        return 0
+
     def nbytes(self) -> int:
         """Bytes held: packed codes + scales + zero points + block rows + residual and sink keys/values (not the
         scores)."""
@@ -164,25 +146,16 @@ class QuantSegment:
     def keys(self) -> torch.Tensor | None:
         return None if self.rkeys is None else self.dense()[0]
 
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self._assign(value)
-
     @property
     def values(self) -> torch.Tensor | None:
         return None if self.rkeys is None else self.dense()[1]
 
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self._assign(value)
+    @property
+    def order(self) -> torch.Tensor:
+        """Each kept token's index in the cache (no padding here): ``(n,)``."""
+        return torch.arange(self.length, device=self.device)
 
-    def _assign(self, value: torch.Tensor | None) -> None:
-        if value is not None:
-            raise KvlabError("quantized KV storage cannot be reordered or repeated along the batch (beam search, "
-                             "num_return_sequences > 1); use greedy or sampling, or a 16-bit method")
-        self.clear()
-
-    def map_batch(self, fn) -> None:
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a batch-axis reorder / repeat / select) to every stored tensor."""
         for name in ("kcodes", "vcodes", "kscale", "kzero", "kblock", "kpos", "vscale", "vzero", "rkeys", "rvalues",
                      "skeys", "svalues", "scores"):
@@ -190,9 +163,9 @@ class QuantSegment:
             if t is not None:
                 setattr(self, name, fn(t))
 
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Dequantized keys rotated to their positions (frame, or original without re-indexing) and
-        values: ``(B, h, n, D)`` each."""
+        values: ``(B, h, n, D)`` each; no padding."""
         bk, bv = self._dequantized_body()
         keys = torch.cat((self.skeys, bk, self.rkeys), dim=2)
         values = torch.cat((self.svalues, bv, self.rvalues), dim=2)
@@ -205,11 +178,25 @@ class QuantSegment:
                 tail = torch.arange(self.seen - r, self.seen, device=keys.device).expand(*keys.shape[:2], r)
                 pos = torch.cat((head, self.kpos, tail), dim=2)
             keys = self.rotary.shift(keys, pos)
-        return keys, values
+        return keys, values, None
 
-    # -- the three steps of a forward pass ------------------------------------------------
-    def compress(self) -> None:
-        """Evict down to the budget: keep the sinks, the residual and the best-scoring body tokens."""
+    def drop_last(self) -> None:
+        raise KvlabError("a quantized part cannot give back its newest token: group positions support 16-bit methods "
+                         "only; use batch positions for quant/haq")
+
+    # -- a forward pass --------------------------------------------------------------------
+    def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Evict down to the budget, then add ``(B, h, q, D)`` new keys and values (see :meth:`append`)."""
+        if valid is not None and not bool(valid.all()):  # once per padded chunk, never in a decode step
+            raise KvlabError("quantized storage (haq, quant) does not support padded batches yet: run the prompts "
+                             "one at a time, or use a 16-bit method")
+        self.compress(lazy=key_states.shape[-2] == 1)
+        self.append(key_states, value_states)
+
+    def compress(self, lazy: bool = False) -> None:
+        """Evict down to the budget: keep the sinks, the residual and the best-scoring body tokens. ``lazy``
+        (a decode step): dead key-scale rows are dropped once every ``group_size`` steps, since counting
+        them reads a number back from the device."""
         budget, n, body, s = self.group.budget, self.length, self.body_length, self.sink_length
         if budget is None or n <= budget or body == 0:
             return
@@ -224,7 +211,7 @@ class QuantSegment:
             head = torch.arange(s, device=keep.device).expand(*keep.shape[:2], -1)
             rest = torch.arange(s + body, n, device=keep.device).expand(*keep.shape[:2], -1)
             self.scores = self.scores.gather(2, torch.cat((head, keep + s, rest), dim=-1))
-        self._compact_scales()
+        self._compact_scales(lazy)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Add ``(B, h, q, D)`` new keys (rotated at their true positions) and values: the first ``sinks``
@@ -249,19 +236,24 @@ class QuantSegment:
         if blocks > 0:
             self._quantize_oldest(blocks * self.group_size)
 
-    def attend(self, query: torch.Tensor, scaling: float, sliding_window: int | None,
-               block: int = 256) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
+               prefix: Storage | None = None) -> torch.Tensor:
         """Attention of ``query (B, h*g, q, D)`` over the dequantized kept tokens (the last ``q`` of
-        which are the queries' own). Returns ``(B, h*g, q, D)``; accumulates H2O scores like
-        :meth:`kvlab.kv.Segment.attend` (mean over the group's query heads)."""
-        keys, values = self.dense()
-        q, n, h = query.shape[-2], keys.shape[2], keys.shape[1]
-        g = query.shape[1] // h
-        mask = _mask(q, n, sliding_window, query.device)  # (q, n) bool or None
-        if not self.needs_scores:
-            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                                  enable_gqa=g > 1)
-        return scored_attention(query, keys, values, self.scores, mask, scaling, block)
+        which are the queries' own). Returns ``(B, h*g, q, D)``; accumulates H2O scores like the dense
+        segment (mean over the group's query heads)."""
+        if prefix is not None:
+            raise KvlabError("group positions support 16-bit methods only; use batch positions for quant/haq")
+        keys, values, _ = self.dense()
+        out, received = attend(query, keys, values, scaling=scaling, window=window, softcap=softcap,
+                               need_probs=self.needs_scores, observed=self.observed)
+        if received is not None:
+            self.receive(received)
+        return out
+
+    def receive(self, received: torch.Tensor) -> None:
+        """Add (or, for a scorer observing only the newest queries, set) the attention ``(B, h, n)`` received."""
+        if self.needs_scores:
+            self.scores = received if self.observed is not None else self.scores + received
 
     # -- internals ---------------------------------------------------------------------------
     def _start(self, key_states: torch.Tensor) -> None:
@@ -329,10 +321,12 @@ class QuantSegment:
         values = vc * self.vscale.float()[..., None] + self.vzero.float()[..., None]  # (B, h, T, D/Gv, Gv)
         return keys.to(dtype), values.view(b, h, t, d).to(dtype)
 
-    def _compact_scales(self) -> None:
+    def _compact_scales(self, lazy: bool) -> None:
         """Drop the key-scale rows no kept token uses; renumber ``kblock``. Heads keep their live rows
         in time order, padded to the largest count over heads."""
         rows = self.kscale.shape[2]
+        if lazy and self.seen % self.group_size:
+            return  # compacting reads a count back from the device: a decode step does it once every G steps
         idx = self.kblock.long()  # (B, h, T)
         live = torch.zeros(*idx.shape[:2], rows, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
         count = int(live.sum(-1).max()) if idx.numel() else 0

@@ -1,0 +1,95 @@
+"""Attention over stored keys and values: exact masks, a block of queries at a time.
+
+Every path takes the same inputs: ``query (B, h*g, q, D)`` (the query heads of ``h`` KV heads, in
+order), ``keys``/``values (B, h, n, D)`` of which the last ``q`` are the queries' own tokens, and
+optionally
+
+* ``visible``: the first ``visible`` keys are seen by every query (another part of the sequence, e.g.
+  the source of a translation read so far); causality applies to the rest;
+* ``valid (B, h, n)`` bool: False marks padding, which no query attends (a padding query attends only
+  to itself, so that its output stays finite);
+* ``window``: a sliding window (a query sees keys less than ``window`` tokens back);
+* ``softcap``: Gemma-2's attention logit soft-capping, ``cap * tanh(logits / cap)``;
+* ``need_probs``: also return the attention probability each key received ``(B, h, n)`` float32 (mean
+  over a KV head's ``g`` query heads, summed over the queries; or over the last ``observed`` queries).
+
+Nothing of size ``q x n`` is materialized beyond one block of queries: a prefill with nothing cached
+and no padding uses sdpa's causal kernel; a single query without padding needs no mask at all (the
+keys may then be in any order, e.g. a ring); anything else goes a block at a time, with the block
+sized so that its float32 logits stay under ``BLOCK_BYTES``. Logits are computed in the model's dtype
+and soft-maxed in float32; only the probabilities of one block exist at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_BYTES = 1 << 25  # 32 MiB of float32 logits per block of queries
+
+
+def block_rows(batch_heads: int, n: int, limit: int = BLOCK_BYTES) -> int:
+    """Queries per block so that ``batch_heads x block x n`` float32 logits stay under ``limit`` bytes."""
+    return max(1, min(4096, limit // max(1, 4 * batch_heads * n)))
+
+
+def block_mask(start: int, stop: int, q: int, n: int, *, visible: int = 0, window: int | None = None,
+               valid: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(b, n)`` or ``(B, h, b, n)`` bool (True = attend) for queries ``start..stop-1`` of the ``q`` newest.
+
+    Query ``i`` is the key at index ``n - q + i``; keys before ``visible`` are always seen (never padding
+    of the query's own part), the others causally and within ``window``."""
+    qidx = torch.arange(n - q + start, n - q + stop, device=device)[:, None]  # (b, 1)
+    kidx = torch.arange(n, device=device)[None, :]  # (1, n)
+    mask = kidx <= qidx
+    if window is not None:
+        mask = mask & (qidx - kidx < window)
+    if visible:
+        mask = mask | (kidx < visible)
+    if valid is not None:
+        mask = (mask & valid[:, :, None, :]) | (kidx == qidx)  # (B, h, b, n); padding attends itself
+    return mask
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, scaling: float, visible: int = 0,
+           valid: torch.Tensor | None = None, window: int | None = None, softcap: float | None = None,
+           need_probs: bool = False, observed: int | None = None, block: int | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention output ``(B, h*g, q, D)`` and, with ``need_probs``, the probability received by each key
+    ``(B, h, n)`` float32 (see the module docstring for the arguments)."""
+    b, hq, q, _ = query.shape
+    h, n = keys.shape[1], keys.shape[2]
+    g = hq // h
+    plain = softcap is None and not need_probs
+    if plain and valid is None and not visible:
+        sees_all = window is None or n <= window
+        if q == 1 and sees_all:  # one query, nothing masked: keys in any order
+            return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=g > 1), None
+        if q == n and window is None:  # nothing cached: sdpa's own causal kernel, no mask
+            return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
+                                                  enable_gqa=g > 1), None
+    rows = block or block_rows(b * hq, n)
+    out = torch.empty_like(query)
+    received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device) if need_probs else None
+    first_observed = 0 if observed is None else max(0, q - observed)
+    for start in range(0, q, rows):
+        stop = min(q, start + rows)
+        mask = block_mask(start, stop, q, n, visible=visible, window=window, valid=valid, device=query.device)
+        if plain:
+            m = mask if mask.dim() == 2 else mask[:, :, None].expand(b, h, g, *mask.shape[-2:]).flatten(1, 2)
+            out[:, :, start:stop] = F.scaled_dot_product_attention(query[:, :, start:stop], keys, values, attn_mask=m,
+                                                                   scale=scaling, enable_gqa=g > 1)
+            continue
+        qg = query[:, :, start:stop].unflatten(1, (h, g))  # (B, h, g, b, D)
+        logits = (qg @ keys[:, :, None].transpose(-1, -2)).float() * scaling  # (B, h, g, b, n), the block
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
+        probs = logits.softmax(dim=-1)
+        out[:, :, start:stop] = (probs.to(values.dtype) @ values[:, :, None]).flatten(1, 2)
+        if received is not None and stop > first_observed:
+            seen = probs[..., max(0, first_observed - start):, :]
+            received += seen.mean(dim=2).sum(dim=2)
+    return out, received

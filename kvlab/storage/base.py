@@ -1,0 +1,106 @@
+"""The storage contract: what the cache asks of a group's storage, dense or quantized.
+
+:class:`Storage` is the one interface :mod:`kvlab.cache` uses; :func:`make_segment` picks the
+implementation for a :class:`~kvlab.storage.plan.Group` (dense for 16 bits, KIVI-quantized below).
+Batch rows may carry padding: ``push`` takes the validity of the new tokens, a row keeps exactly the
+tokens it would keep alone (padding never counts against a budget) and attention never reads padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from kvlab.storage.plan import Group
+from kvlab.storage.rope import Rotary
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """The kept tokens of one group of KV heads of one layer."""
+
+    group: Group
+    heads: torch.Tensor  # (h,) long: the KV heads of the layer this storage holds
+    scores: torch.Tensor | None  # (B, h, n) float32 attention received, for scorers that need it
+
+    @property
+    def length(self) -> int:
+        """Tokens held per row and head (padding included)."""
+        ...
+
+    def length_after_compress(self) -> int:
+        """Tokens held once evicted down to the budget, before the next tokens arrive."""
+        ...
+
+    def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Evict down to the budget, then add ``(B, h, q, D)`` new keys (rotated at their true positions)
+        and values; ``valid (B, q)`` bool marks real tokens (None: all real)."""
+        ...
+
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
+               prefix: Storage | None = None) -> torch.Tensor:
+        """Attention of ``query (B, h*g, q, D)`` over the kept tokens, the last ``q`` of which are the
+        queries' own; ``prefix``'s kept tokens come first and are seen by every query."""
+        ...
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys at their (frame) positions, values ``(B, h, n, D)`` in time order, validity ``(B, h, n)``."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes held by the kept keys and values (and whatever else the storage needs to rebuild them)."""
+        ...
+
+    def source_nbytes(self) -> int:
+        """The part of :meth:`nbytes` that keeps exact originals of moved keys (no drift in low precision)."""
+        ...
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-axis reorder / repeat / select to every stored tensor."""
+        ...
+
+    def compress(self) -> None:
+        """Evict down to the budget now, appending nothing."""
+        ...
+
+    def drop_last(self) -> None:
+        """Forget the newest token (valid right after the forward pass that appended it)."""
+        ...
+
+    def clear(self) -> None:
+        """Forget every token."""
+        ...
+
+
+def make_segment(group: Group, rotary: Rotary | None) -> Storage:
+    """The storage for a group: dense for 16 bits, KIVI-quantized (:mod:`kvlab.storage.quantized`) below."""
+    if group.bits >= 16:
+        from kvlab.storage.dense import Segment
+
+        return Segment(group, rotary)
+    from kvlab.storage.quantized import QuantSegment
+
+    return QuantSegment(group, rotary)
+
+
+def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``budget`` highest scores along the last axis, in increasing (time) order."""
+    idx = score.topk(budget, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values
+
+
+def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t (B, h, n[, D])`` at token indices ``keep (B, h, k)`` along axis 2."""
+    if t.dim() == 3:
+        return t.gather(2, keep.expand(*t.shape[:2], -1))
+    return t.gather(2, keep[..., None].expand(*t.shape[:2], -1, t.shape[-1]))
+
+
+def order(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """A kept token's index among its row's real kept tokens: ``(n,)`` without padding, else ``(B, h, n)``
+    with -1 for padding."""
+    if valid is None:
+        return torch.arange(n, device=device)
+    return (valid.cumsum(-1) - 1).masked_fill(~valid, -1)

@@ -1,0 +1,316 @@
+"""Dense storage of one group of heads: the kept keys and values as ``(B, h, n, D)`` tensors.
+
+Positions. Keys arrive rotated (RoPE) at their true position ``p`` (for a padded row: its count of
+real tokens before it, as ``generate`` numbers them). When the scorer re-indexes, the key at cache
+index ``i`` of ``n`` kept real tokens sits at *frame* position ``seen - n + i`` (``seen``: real tokens
+fed so far). A query at true position ``seen + j`` then sees each kept key at distance ``n + j - i``:
+exactly the distance it would have if every token's position were its index in the cache
+(StreamingLLM, section 3.2), because RoPE attention depends only on differences of positions. Only
+keys that precede an evicted token move: a prefix of the cache (for StreamingLLM the sinks; for a
+scored method every slot). Moved keys are re-derived from an exact copy of their original, held for
+that prefix only, by one rotation (:mod:`kvlab.storage.rope`): no drift in bf16 however long the stream.
+
+Ring. In the steady state of a positional method (one token in, the oldest of the window out) a
+decode step writes the new token over the evicted one in place: no copy of the cache. The window is
+then a ring (``_start`` where it begins, ``_head`` its oldest slot); a single query needs no mask and
+attention does not depend on key order, so decode reads the ring as it is. Everything else (chunks,
+scorers, readers of :meth:`dense`) sees time order: the ring is rolled back first (one copy).
+
+Padding. ``_valid (B, h, n)`` marks real tokens once a padded chunk arrived (None before: no cost
+without padding). Padding scores ``-inf`` against any scorer, so a row keeps exactly what it would
+keep alone and budgets count real tokens; attention never reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvlab.storage.attention import attend
+from kvlab.storage.base import Storage, gather_tokens, keep_indices, order
+from kvlab.storage.plan import Group
+from kvlab.storage.rope import Rotary
+
+_PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # tensors with a token axis 2
+
+
+class Segment:
+    """The kept tokens of one :class:`~kvlab.storage.plan.Group` of KV heads, dense."""
+
+    def __init__(self, group: Group, rotary: Rotary | None):
+        self.group = group
+        self.heads = torch.tensor(group.heads, dtype=torch.long)
+        self.rotary = rotary
+        scorer = group.scorer
+        self.reindex = bool(scorer.reindex) and rotary is not None and group.budget is not None
+        self.needs_scores = scorer.needs_scores
+        self.observed = scorer.observed() if self.needs_scores else None
+        self.prefix = self._moved_prefix() if self.reindex else 0  # slots whose keys may move
+        self.clear()
+
+    def _moved_prefix(self) -> int:
+        """Slots that can hold a moved key: before the last run of a positional scorer, else all."""
+        budget = self.group.budget
+        runs = self.group.scorer.runs(budget + 1)
+        if runs and runs[-1][1] == budget + 1:
+            return budget - (runs[-1][1] - runs[-1][0])
+        return budget
+
+    def clear(self) -> None:
+        self._k: torch.Tensor | None = None  # (B, h, n, D) keys at frame positions
+        self._v: torch.Tensor | None = None  # (B, h, n, D)
+        self._pos: torch.Tensor | None = None  # (B, h, n) int64 true positions, when re-indexing
+        self._valid: torch.Tensor | None = None  # (B, h, n) bool, once padding was seen
+        self._src: torch.Tensor | None = None  # (B, h, prefix, D) original keys of the prefix slots
+        self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
+        self._valid_last: torch.Tensor | None = None  # (B, 1, 1) whether each row's newest token is real
+        self.scores: torch.Tensor | None = None  # (B, h, n) float32
+        self.seen = 0  # tokens fed (padding included)
+        self._start, self._head = 0, 0
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Kept keys ``(B, h, n, D)`` in time order, at their frame positions."""
+        self._unroll()
+        return self._k
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Kept values ``(B, h, n, D)`` in time order."""
+        self._unroll()
+        return self._v
+
+    @property
+    def order(self) -> torch.Tensor:
+        """Each kept token's index among its row's real kept tokens: ``(n,)``, or ``(B, h, n)`` with padding."""
+        self._unroll()
+        return order(self._valid, self.length, self.device)
+
+    def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Keys and values as stored (the window may be a turned ring): for attention without a mask."""
+        return self._k, self._v
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self._unroll()
+        return self._k, self._v, self._valid
+
+    def length_after_compress(self) -> int:
+        budget = self.group.budget
+        return self.length if budget is None else min(self.length, budget)
+
+    def nbytes(self) -> int:
+        """Bytes of the kept keys and values, plus the exact originals of moved keys (re-indexing only)."""
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._src) if t is not None)
+
+    def source_nbytes(self) -> int:
+        """Bytes of the exact originals kept for moved keys (StreamingLLM: its sinks), part of :meth:`nbytes`."""
+        return 0 if self._src is None else self._src.numel() * self._src.element_size()
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every stored tensor (the ring order is the same for every row, so it is kept)."""
+        for name in (*_PER_TOKEN, "_src", "_real", "_valid_last"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def drop_last(self) -> None:
+        self._unroll()
+        for name in _PER_TOKEN:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[:, :, :-1])
+        if self._real is not None:
+            self._real = self._real - self._valid_last.long()
+        self.seen -= 1
+
+    # -- a forward pass ------------------------------------------------------------------
+    def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Evict down to the budget, then append ``(B, h, q, D)`` new keys/values (rotated at their true
+        positions); ``valid (B, q)`` marks real tokens. Eviction and append are one copy of the cache."""
+        b, h, q, _ = key_states.shape
+        if valid is not None and self._valid is None:
+            self._start_padding(b, h, key_states.device)
+        if q == 1 and self._valid is None and self._turn(key_states, value_states):
+            return
+        self._unroll()
+        new = {"_k": key_states, "_v": value_states}
+        if self._valid is not None:
+            v = torch.ones(b, q, dtype=torch.bool, device=key_states.device) if valid is None else valid
+            new["_valid"] = v[:, None].expand(b, h, q).clone()
+            if self.reindex:
+                new["_pos"] = (self._real + v[:, None].cumsum(-1) - 1).clamp(min=0).expand(b, h, q).clone()
+            self._real = self._real + v.sum(-1)[:, None, None]
+            self._valid_last = v[:, -1][:, None, None]
+        elif self.reindex:
+            new["_pos"] = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q).clone()
+        if self.needs_scores:
+            new["scores"] = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
+        self._evict_and_append(new)
+        self.seen += q
+        self._refresh()
+
+    def compress(self) -> None:
+        """Evict down to the budget without appending."""
+        if self._k is not None:
+            self._unroll()
+            self._evict_and_append({})
+            self._refresh()
+
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
+               prefix: Storage | None = None) -> torch.Tensor:
+        """Attention of ``query (B, h*g, q, D)`` over the kept tokens plus the ``q`` just appended
+        (after ``prefix``'s, seen by every query). Accumulates the scores of H2O-like scorers."""
+        if prefix is None:
+            keys, values = self._k, self._v  # a turned ring is read only by a single query, without a mask
+            valid, visible = self._valid, 0
+            if self._head and (window is not None and self.length > window):
+                keys, values, valid = self.dense()
+        else:
+            pk, pv, pvalid = prefix.dense()
+            keys, values, valid = self.dense()
+            keys, values = torch.cat((pk, keys), dim=2), torch.cat((pv, values), dim=2)
+            if valid is not None or pvalid is not None:
+                valid = torch.cat((_ones_like(pvalid, pk), _ones_like(valid, self._k)), dim=2)
+            visible = pk.shape[2]
+        out, received = attend(query, keys, values, scaling=scaling, visible=visible, valid=valid, window=window,
+                               softcap=softcap, need_probs=self.needs_scores or _needs(prefix),
+                               observed=self.observed)
+        if received is not None:
+            if prefix is not None:
+                prefix.receive(received[:, :, :visible])
+                received = received[:, :, visible:]
+            self.receive(received)
+        return out
+
+    def receive(self, received: torch.Tensor) -> None:
+        """Add the attention ``(B, h, n)`` the kept tokens just received to their scores (or replace them,
+        for a scorer that observes only the newest queries)."""
+        if self.needs_scores:
+            self.scores = received if self.observed is not None else self.scores + received
+
+    # -- internals -----------------------------------------------------------------------
+    def _start_padding(self, b: int, h: int, device: torch.device) -> None:
+        self._unroll()
+        self._valid = torch.ones(b, h, self.length, dtype=torch.bool, device=device)
+        self._real = torch.full((b, 1, 1), self.seen, dtype=torch.long, device=device)
+
+    def _evict_and_append(self, new: dict[str, torch.Tensor]) -> None:
+        """Keep the budget's best tokens of the cache and append ``new`` (per-token tensors) in one copy."""
+        budget, n = self.group.budget, self.length
+        if self._k is None:
+            for name, t in new.items():
+                setattr(self, name, t)
+            return
+        if budget is None or n <= budget:
+            if new:
+                for name, t in new.items():
+                    setattr(self, name, torch.cat((getattr(self, name), t), dim=2))
+            return
+        runs = None if self._valid is not None else self.group.scorer.runs(n)
+        if runs is not None and (self.prefix == 0 or runs[0] == (0, self.prefix)):
+            if self.prefix and self._src is None:
+                self._src = self._k[:, :, :self.prefix].clone()  # originals: nothing has moved yet
+            for name in _PER_TOKEN:
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, torch.cat([t[:, :, a:b] for a, b in runs] + ([new[name]] if name in new else []),
+                                                  dim=2))
+            return
+        if runs is not None:
+            keep = torch.cat([torch.arange(a, b, device=self.device) for a, b in runs])
+        else:
+            score = self.group.scorer.score(self)
+            if self._valid is not None:
+                score = score.expand(*self._valid.shape).masked_fill(~self._valid, -torch.inf)
+            keep = keep_indices(score, budget)  # (budget,) or (B, h, budget)
+        keep = keep.expand(*self._k.shape[:2], -1) if keep.dim() == 1 else keep
+        if self.prefix:
+            self._src = self._gather_originals(keep[..., :self.prefix])
+        for name in _PER_TOKEN:
+            t = getattr(self, name)
+            if t is not None:
+                kept = gather_tokens(t, keep)
+                setattr(self, name, torch.cat((kept, new[name]), dim=2) if name in new else kept)
+
+    def _gather_originals(self, idx: torch.Tensor) -> torch.Tensor:
+        """Original keys of the tokens at slots ``idx (B, h, m)``: from ``_src`` for the prefix slots, else the
+        stored key itself (a key outside the prefix has never moved)."""
+        stored = gather_tokens(self._k, idx)
+        if self._src is None:
+            return stored
+        m = self._src.shape[2]
+        inside = gather_tokens(self._src, idx.clamp(max=m - 1))
+        return torch.where((idx < m)[..., None], inside, stored)
+
+    def _refresh(self) -> None:
+        """Rotate the prefix slots' keys from their originals to their frame positions."""
+        if self._src is None:
+            return
+        m = min(self._src.shape[2], self.length)
+        n = self.length
+        if self._valid is None:
+            frame = torch.arange(self.seen - n, self.seen - n + m, device=self.device)
+        else:
+            valid = self._valid
+            frame = self._real - valid.sum(-1, keepdim=True) + valid[..., :m].cumsum(-1) - 1
+        delta = frame - self._pos[:, :, :m]
+        if self._valid is not None:
+            delta = delta.masked_fill(~self._valid[..., :m], 0)
+        self._k[:, :, :m] = self.rotary.shift(self._src[:, :, :m], delta)
+
+    def _turn(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """The ring step: when one new token evicts exactly the oldest token after a fixed prefix (the
+        sinks), write it in that token's slot and re-derive the prefix's rotation. False (nothing done)
+        in any other case."""
+        budget, n = self.group.budget, self.length
+        if budget is None or n != budget + 1 or self.needs_scores:
+            return False
+        runs = self.group.scorer.runs(n)  # must be [(start + 1, n)], after sinks (0, start) if there are any
+        if runs is None or len(runs) > 2 or (len(runs) == 2 and runs[0][0] != 0):
+            return False
+        start = runs[0][1] if len(runs) == 2 else 0
+        if runs[-1] != (start + 1, n) or (self.prefix and start != self.prefix):
+            return False
+        if start != self._start:
+            self._unroll()
+            self._start = start
+        if self.prefix and self._src is None:
+            self._src = self._k[:, :, :self.prefix].clone()
+        slot = start + self._head
+        self._k[:, :, slot] = key[:, :, 0]
+        self._v[:, :, slot] = value[:, :, 0]
+        if self._pos is not None:
+            self._pos[:, :, slot] = self.seen
+        self._head = (self._head + 1) % (n - start)
+        self.seen += 1
+        self._refresh()
+        return True
+
+    def _unroll(self) -> None:
+        """Put a turned ring back in time order (one copy)."""
+        if self._head:
+            a, h = self._start, self._start + self._head
+            for name in ("_k", "_v", "_pos"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, torch.cat((t[:, :, :a], t[:, :, h:], t[:, :, a:h]), dim=2))
+            self._head = 0
+
+
+def _ones_like(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``valid``, or all True ``(B, h, n)`` for storage without padding."""
+    return valid if valid is not None else torch.ones(like.shape[:3], dtype=torch.bool, device=like.device)
+
+
+def _needs(prefix: Storage | None) -> bool:
+    return prefix is not None and getattr(prefix, "needs_scores", False)

@@ -1,0 +1,110 @@
+"""What the storage needs from a method: the layer it plans for, head groups, and a scorer.
+
+Imports point one way: :mod:`kvlab.methods` builds these plain types; the storage reads them and
+never imports a method. A method is a :class:`Scorer` to the storage: it may pick the tokens to keep
+by contiguous runs (positional methods) or by a score per token, and says whether positions are
+re-indexed and whether attention probabilities must be accumulated for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+from kvlab.errors import KvlabError
+
+if TYPE_CHECKING:
+    from kvlab.storage.base import Storage
+
+GROUP_SIZE = 32  # tokens per key-scale block of quantized storage (KIVI's G)
+RESIDUAL = 32  # newest tokens a quantized group keeps in full precision (KIVI's R)
+WIDTHS = (2, 4, 8, 16)  # bit widths a group may use; 16 = dense
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a method may know about the attention layer it plans for."""
+
+    index: int
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    head_dim: int
+    sliding_window: int | None = None  # a sliding-window layer (Gemma local layers) keeps < this many tokens
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """The storage's view of a method (:class:`kvlab.methods.base.Method` implements it)."""
+
+    #: the storage accumulates attention probabilities into ``seg.scores`` (H2O-like methods)
+    needs_scores: bool
+    #: kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2)
+    reindex: bool
+
+    def score(self, seg: Storage) -> torch.Tensor:
+        """``(n,)`` or ``(batch, heads, n)`` scores of the kept tokens; the highest are kept."""
+        ...
+
+    def runs(self, n: int) -> list[tuple[int, int]] | None:
+        """The ``(start, stop)`` runs of ``n`` tokens to keep (positional methods), or None to score."""
+        ...
+
+    def observed(self) -> int | None:
+        """Queries whose attention makes ``seg.scores``: None = every query since a token entered
+        (accumulated, H2O); ``w`` = the last ``w`` queries of the newest forward pass (SnapKV, TOVA)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of KV heads of one layer that share a budget, a scorer and a bit width.
+
+    ``heads`` are KV-head indices (sorted); ``budget`` None means never evict; ``scorer`` picks the
+    tokens to keep; ``bits`` 16 means full precision.
+    """
+
+    heads: tuple[int, ...]
+    budget: int | None
+    scorer: Scorer
+    bits: int = 16
+    label: str = "all"
+
+
+@dataclass(frozen=True)
+class QuantGroup(Group):
+    """A :class:`Group` stored KIVI-quantized at ``bits`` (16: dense), ``group_size`` tokens per key
+    block, ``residual`` recent tokens in full precision, the scorer's sinks exact if ``exact_sinks``."""
+
+    group_size: int = GROUP_SIZE
+    residual: int = RESIDUAL
+    exact_sinks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in WIDTHS:
+            raise KvlabError(f"bits must be one of {', '.join(map(str, WIDTHS))}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise KvlabError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise KvlabError(f"residual must be a non-negative integer, got {self.residual!r}")
+
+
+@dataclass(frozen=True)
+class RecentWindow:
+    """The scorer of a sliding-window layer: the newest ``window`` tokens, nothing re-indexed."""
+
+    window: int
+    needs_scores = False
+    reindex = False
+    sinks = 0
+
+    def score(self, seg: Storage) -> torch.Tensor:
+        return seg.order.float()  # recency among a row's real tokens
+
+    def runs(self, n: int) -> list[tuple[int, int]]:
+        return [(n - self.window, n)]
+
+    def observed(self) -> int | None:
+        return None
