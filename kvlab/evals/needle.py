@@ -102,3 +102,26 @@ def ask(model: Any, tokenizer: Any, method: str, context: list[int], question: l
         logits = feed(model, cache, q_ids, q_ids.shape[1])  # (1, vocab)
     tokens = list(greedy(model, cache, logits, max_new_tokens, eos))
     return tokenizer.decode(tokens, skip_special_tokens=True), cache
+
+
+def filler_table(rows: list[dict]) -> str:
+    """Accuracy per filler text, their mean and the worst filler, one line per (method, setting, length);
+    from needle rows only (markdown). A method tuned to one haystack shows here as a low worst beside its mean."""
+    cells: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        p, acc = r["config"]["params"], r["metrics"].get("accuracy")
+        if r.get("status", "ok") != "ok" or acc is None:
+            continue
+        key = r["config"]["method"] + (" (question-aware)" if p.get("question_aware") else "") + \
+            (f" [{p['variant']}]" if p.get("variant", "passkey") != "passkey" else "")
+        cells.setdefault((key, p["length"]), {}).setdefault(p.get("data", "pydoc"), []).append(float(acc))
+    fillers = list(dict.fromkeys(f for by in cells.values() for f in by))
+    lines = ["| method | length | " + " | ".join(fillers) + " | mean | worst |",
+             "|---|---:|" + "---:|" * (len(fillers) + 2)]
+    for (key, length), by in cells.items():
+        acc = {f: sum(v) / len(v) for f, v in by.items()}
+        worst = min(acc, key=lambda f: (acc[f], f))
+        vals = " | ".join(f"{acc[f]:.2f}" if f in acc else "n/a" for f in fillers)
+        lines.append(f"| {key} | {length} | {vals} | {sum(acc.values()) / len(acc):.2f} | "
+                     f"{acc[worst]:.2f} ({worst}) |")
+    return "\n".join(lines)
