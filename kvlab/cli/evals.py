@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", type=int, default=4, help="needles in the multikey variant (one asked)")
     p.add_argument("--question-aware", action="store_true",
                    help="also run with the question in the prefill the method scores")
-    p.add_argument("--data", default="pydoc", help="filler: pydoc | pg19 | wikitext-2 | PATH")
+    p.add_argument("--filler", "--data", dest="data", default="pydoc",
+                   help="filler text(s), comma-separated: pydoc | pg19 | wikitext-2 | PATH (each is a cell)")
     p.add_argument("--chunk-size", type=int, default=512, help="context tokens per forward pass")
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.set_defaults(func=run_needle)
@@ -106,14 +107,16 @@ def run_needle(args: argparse.Namespace) -> int:
     lengths = split_list(args.lengths, int, "--lengths")
     depths = split_list(args.depths, float, "--depths")
     settings = [False, True] if args.question_aware else [False]
+    fillers = split_list(args.data, str, "--filler")
     cells = [(m, needle.Params(length=n, depth=d, samples=args.samples, variant=args.variant, keys=args.keys,
-                               question_aware=qa, data=args.data, chunk_size=args.chunk_size,
+                               question_aware=qa, data=f, chunk_size=args.chunk_size,
                                max_new_tokens=args.max_new_tokens, seed=args.seed))
-             for m in _methods(args) for qa in settings for n in lengths for d in depths]
+             for m in _methods(args) for f in fillers for qa in settings for n in lengths for d in depths]
 
-    def check(tok: Any) -> None:  # the text is long enough for every length, before any cell runs
-        for n in sorted({min(lengths), max(lengths)}):
-            make_samples(tok, n, [0.0], args.seed, data=args.data, variant=args.variant, keys=args.keys)
+    def check(tok: Any) -> None:  # each text is long enough for every length, before any cell runs
+        for f in fillers:
+            for n in sorted({min(lengths), max(lengths)}):
+                make_samples(tok, n, [0.0], args.seed, data=f, variant=args.variant, keys=args.keys)
 
     return _run(args, "needle", cells, check, _needle_table)
 
@@ -228,11 +231,14 @@ def _fmt(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
 
 
 def _needle_table(rows: list[dict]) -> None:
+    from kvlab.evals.needle import filler_table
+
+    fillers = list(dict.fromkeys(r["config"]["params"]["data"] for r in rows))
     groups: dict[str, list[dict]] = {}
     for r in rows:
         p = r["config"]["params"]
         key = f"{r['config']['method']}{' (question-aware)' if p['question_aware'] else ''} [{p['variant']}]"
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(key + (f" on {p['data']}" if len(fillers) > 1 else ""), []).append(r)
     for key, part in groups.items():
         depths = sorted({r["config"]["params"]["depth"] for r in part})
         lengths = sorted({r["config"]["params"]["length"] for r in part})
@@ -244,6 +250,8 @@ def _needle_table(rows: list[dict]) -> None:
             ok = [v for v in vals if v is not None]
             mean = sum(ok) / len(ok) if ok else None
             print(f"{n:>8} " + " ".join(f"{_fmt(v):>6}" for v in vals) + f" {_fmt(mean):>6}")
+    if len(fillers) > 1:
+        print(f"\nneedle accuracy by filler (mean over depths and samples; worst filler)\n{filler_table(rows)}")
 
 
 def _memory_table(rows: list[dict]) -> None:
