@@ -84,6 +84,11 @@ _BUILTINS = (
     "kvlab.methods.head_aware:HeadAware",
     "kvlab.methods.haq:HAQ",
     "kvlab.methods.quant:Quant",
+    "kvlab.methods.snapkv:SnapKV",
+    "kvlab.methods.pyramidkv:PyramidKV",
+    "kvlab.methods.tova:TOVA",
+    "kvlab.methods.knorm:KNorm",
+    "kvlab.methods.duo:Duo",
 )
 
 

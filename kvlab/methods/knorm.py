@@ -1,0 +1,43 @@
+"""Key-norm eviction (Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvlab.errors import KvlabError
+from kvlab.methods.base import Method, positive
+from kvlab.storage import Storage
+
+
+@dataclass
+class KNorm(Method):
+    """``knorm:budget=1024,recent=0``: per KV head, keep the ``budget`` tokens whose keys have the
+    smallest L2 norm (low-norm keys draw high attention), plus the ``recent`` newest tokens if set.
+
+    Needs no attention scores, so it runs with any attention kernel, and observes no query at all:
+    question-agnostic by construction. Prefill: before each forward pass's new tokens are appended;
+    decoding: at every step. Keys are scored as stored (rotated by RoPE, which preserves their norm).
+    Kept tokens keep their original positions (as in kvpress's KnormPress).
+    """
+
+    budget: int = 1024
+    recent: int = 0
+    reindex: bool = False
+    name = "knorm"
+
+    def __post_init__(self) -> None:
+        positive("budget", self.budget)
+        positive("recent", self.recent, allow_zero=True)
+        if self.recent > self.budget:
+            raise KvlabError(f"recent ({self.recent}) cannot exceed budget ({self.budget})")
+
+    def capacity(self) -> int:
+        return self.budget
+
+    def score(self, seg: Storage) -> torch.Tensor:
+        s = -seg.keys.float().norm(dim=-1)  # (B, h, n)
+        if self.recent:
+            s[..., -self.recent :] = float("inf")
+        return s

@@ -1,0 +1,69 @@
+"""SnapKV (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.errors import KvlabError
+from kvlab.methods.base import Method, positive
+from kvlab.storage import Storage
+
+
+def check_window(budget: int, window: int, kernel: int) -> None:
+    """The checks SnapKV and PyramidKV share: a positive budget, a window inside it, an odd kernel."""
+    positive("budget", budget)
+    positive("window", window)
+    if window > budget:
+        raise KvlabError(f"window ({window}) cannot exceed budget ({budget}): the window's tokens are always kept")
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise KvlabError(f"kernel must be an odd number of tokens (1 = no pooling), got {kernel!r}")
+
+
+def snap_scores(seg: Storage, window: int, kernel: int) -> torch.Tensor:
+    """``(B, h, n)``: attention from the observation window, max-pooled over ``kernel`` neighbours, the
+    window's own ``window`` newest tokens forced in (``inf``)."""
+    s = seg.scores.clone()  # (B, h, n): mean over the KV head's query heads, summed over the window's queries
+    if kernel > 1:  # padding scores -inf in the storage and never wins the max
+        s = F.max_pool1d(s.flatten(0, -2)[:, None], kernel, stride=1, padding=kernel // 2).view_as(s)
+    s[..., -window:] = float("inf")
+    return s
+
+
+@dataclass
+class SnapKV(Method):
+    """``snapkv:budget=1024,window=32,kernel=7``: per KV head, keep the ``window`` newest tokens plus
+    the ``budget - window`` tokens most attended by the last ``window`` queries (the observation
+    window), each token ranked by the max over ``kernel`` neighbours (max-pooling, the paper's
+    clustering). With grouped-query attention the query heads of a KV head are averaged.
+
+    Prefill: eviction runs before each forward pass's new tokens are appended, scored by the last
+    ``window`` queries of the previous pass; with one forward pass over the prompt (``--chunk-size``
+    >= its length) that is the paper's policy: the window is the prompt's last ``window`` tokens,
+    whatever they are (question-agnostic unless the prompt ends with the question, as in the paper).
+    Chunked prefill observes each chunk's last ``min(window, chunk)`` queries.
+    Decoding: a step has one query, so each step ranks by the newest token's attention (pooled), the
+    ``window`` newest tokens always kept; the paper compresses once at prefill and never again.
+    Kept tokens keep their original positions (as in the paper and kvpress).
+    """
+
+    budget: int = 1024
+    window: int = 32
+    kernel: int = 7
+    reindex: bool = False
+    name = "snapkv"
+    needs_scores = True
+
+    def __post_init__(self) -> None:
+        check_window(self.budget, self.window, self.kernel)
+
+    def capacity(self) -> int:
+        return self.budget
+
+    def observed(self) -> int:
+        return self.window
+
+    def score(self, seg: Storage) -> torch.Tensor:
+        return snap_scores(seg, self.window, self.kernel)
