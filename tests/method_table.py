@@ -25,6 +25,7 @@ LOSSLESS = {
     "pyramidkv": lambda n, tmp, model: f"pyramidkv:budget={20 * n},window=4,kernel=3",
     "tova": lambda n, tmp, model: f"tova:budget={n}",
     "knorm": lambda n, tmp, model: f"knorm:budget={n},recent=2",
+    "keydiff": lambda n, tmp, model: f"keydiff:budget={n}",
     "duo": lambda n, tmp, model: f"duo:profile={round_robin_profile(model, tmp)},sinks=2,window={n}",
 }
 
@@ -38,11 +39,12 @@ TIGHT = {
     "pyramidkv": lambda n, tmp, model: "pyramidkv:budget=8,window=2,kernel=3,beta=2",
     "tova": lambda n, tmp, model: "tova:budget=8",
     "knorm": lambda n, tmp, model: "knorm:budget=8,recent=2",
+    "keydiff": lambda n, tmp, model: "keydiff:budget=8,recent=1",
     # retrieval heads keep everything: SEQ tokens
     "duo": lambda n, tmp, model: f"duo:profile={round_robin_profile(model, tmp)},sinks=2,window=6",
 }
 
 # tokens kept per KV head between forward passes for the TIGHT specs
 TIGHT_BUDGET = {"streaming": 8, "h2o": 8, "head-aware": 8 * 2,  # a retrieval head can take up to 2x the mean
-                "haq": 8 * 2, "snapkv": 8, "pyramidkv": 8 * 2, "tova": 8, "knorm": 8,
+                "haq": 8 * 2, "snapkv": 8, "pyramidkv": 8 * 2, "tova": 8, "knorm": 8, "keydiff": 8,
                 "duo": 30}  # duo's retrieval heads keep all of SEQ = 30

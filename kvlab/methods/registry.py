@@ -88,6 +88,7 @@ _BUILTINS = (
     "kvlab.methods.pyramidkv:PyramidKV",
     "kvlab.methods.tova:TOVA",
     "kvlab.methods.knorm:KNorm",
+    "kvlab.methods.keydiff:KeyDiff",
     "kvlab.methods.duo:Duo",
 )
 
