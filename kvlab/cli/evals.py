@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], chec
          table: Callable[[list[dict]], None], evaluate_all: Callable | None = None) -> int:
     """Load the model, run ``cells`` (one after another, or all at once through ``evaluate_all(model, tok,
     cells)`` yielding ``(metrics, runtime_s)`` per cell), write a row per cell, print the table, draw the figure."""
-    from kvlab.evals import figures, get_eval
+    from kvlab.evals import get_eval
     from kvlab.evals.common import cell_config
     from kvlab.results import make_row, write_json_atomic
 
@@ -215,10 +215,27 @@ def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], chec
         took = "" if row["runtime_s"] is None else f" in {row['runtime_s']:.1f}s"
         print(f"[{i}/{len(cells)}] {name} {method} {_point(params)} done{took}", file=sys.stderr)
     table(rows)
-    figure = {"needle": figures.needle_heatmap, "memory": figures.memory_figure, "latency": figures.latency_figure,
-              "translate": figures.translate_figure}[name](rows, out / f"{name}.png")
-    print(f"wrote {len(rows)} rows to {out / 'rows'} and the figure {figure}")
+    figure = _figure(name, rows, out)
+    print(f"wrote {len(rows)} rows to {out / 'rows'}" + (f" and the figure {figure}" if figure else ""))
     return 0
+
+
+def _figure(name: str, rows: list[dict], out: Path) -> Path | None:
+    """``out/<name>.png`` at 150 dpi: the lab's needle and memory figures, the evaluation's own otherwise."""
+    from kvlab.evals import figures
+    from kvlab.lab import eval_figures
+    from kvlab.lab.frame import rows_frame
+    from kvlab.lab.plotting import NoData, save
+
+    if name in ("latency", "translate"):
+        return {"latency": figures.latency_figure, "translate": figures.translate_figure}[name](rows, out / f"{name}.png")
+    draw = {"needle": eval_figures.needle_heatmap, "memory": lambda df: eval_figures.memory_figure(df, min_lengths=1)}
+    try:
+        fig = draw[name](rows_frame(rows))
+    except NoData as exc:
+        print(f"no figure: {exc}", file=sys.stderr)
+        return None
+    return save(fig, out / name, dpi=150, formats=("png",))[0]
 
 
 def _point(params: Any) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kvlab.lab.plotting import NoData, color
+from kvlab.lab.frame import is_reference
+from kvlab.lab.plotting import NoData, method_palette
 
 EVAL = "compare_kvpress"
 ANALOGUE = {"StreamingLLMPress": "streaming", "ObservedAttentionPress": "h2o", "AdaKVPress": "head-aware",
@@ -56,11 +57,20 @@ def comparison_frame(df: pd.DataFrame) -> pd.DataFrame:
         "workload_s": col("metric.workload_s"), "cache_bytes": col("metric.cache_bytes"),
         "effective_cache_bytes": col("metric.effective_cache_bytes"), "peak_rss_bytes": col("metric.peak_rss_bytes"),
     })
-    order = {m: i for i, m in enumerate(["full", "streaming", "h2o", "head-aware", "haq"])}
     out["family"] = [analogue(m) for m in out["method"]]
-    out["_order"] = [(r, order.get(f, 99), f, impl != "kvlab") for r, f, impl in
+    order = _family_order(out)
+    out["_order"] = [(r, order[f], impl != "kvlab") for r, f, impl in
                      zip(out["ratio"], out["family"], out["implementation"])]
     return out.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+
+
+def _family_order(cmp: pd.DataFrame) -> dict[str, int]:
+    """The rank of each method family: the full cache first, then kvlab's methods in the order they ran, then the
+    presses without a kvlab counterpart by name."""
+    mine = list(dict.fromkeys(cmp.loc[cmp["implementation"] == "kvlab", "family"]))
+    rest = sorted(set(cmp["family"]) - set(mine))
+    ranked = sorted(mine, key=lambda f: not is_reference(f)) + rest
+    return {f: i for i, f in enumerate(ranked)}
 
 
 def _better_or_equal(a: float, b: float, higher: bool) -> bool:
@@ -162,16 +172,9 @@ def markdown(df: pd.DataFrame, *, command: str | None = None, title: str = "kvla
     return "\n".join(lines) + "\n"
 
 
-UNPAIRED = ("#D55E00", "#56B4E9", "#000000", "#999933", "#882255")  # presses with no kvlab counterpart
-
-
 def _style(method: str, impl: str, palette: dict[str, str]) -> dict[str, Any]:
-    family = analogue(method)
-    if family not in palette:
-        known = family in ("full", "streaming", "h2o", "head-aware", "haq")
-        palette[family] = color(family) if known else UNPAIRED[sum(f not in ANALOGUE.values() for f in palette)
-                                                              % len(UNPAIRED)]
-    return {"color": palette[family], "linestyle": "-" if impl == "kvlab" else "--",
+    """A press in the colour of its kvlab counterpart; solid and round for kvlab, dashed and square for kvpress."""
+    return {"color": palette[analogue(method)], "linestyle": "-" if impl == "kvlab" else "--",
             "marker": "o" if impl == "kvlab" else "s", "label": f"{impl} {method}"}
 
 
@@ -187,10 +190,11 @@ def implementation_comparison(df: pd.DataFrame) -> Figure:
     speed = ("decode_tok_s", "decode tokens/s") if ok["decode_tok_s"].notna().any() else ("workload_s", "s / sample")
     panels = [("quality", qname), ("prefill_s", "prefill s"), speed, ("cache_bytes", "KV cache held (MiB)"),
               ("peak_rss_bytes", "peak RSS (MiB)")]
-    bars = ok["ratio"].nunique() == 1 or ok.loc[ok["family"] != "full", "ratio"].nunique() == 1
+    compressed = ~ok["family"].map(is_reference).astype(bool)
+    bars = ok["ratio"].nunique() == 1 or ok.loc[compressed, "ratio"].nunique() == 1
     fig = Figure(figsize=(12, 6.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
-    palette: dict[str, str] = {}
+    palette = method_palette(ok["family"])
     series = list(ok.groupby(["implementation", "method"], sort=False))
     for i, ((impl, method), part) in enumerate(series):
         part = part.sort_values("ratio")
@@ -202,7 +206,7 @@ def implementation_comparison(df: pd.DataFrame) -> Figure:
                        hatch="//" if impl == "kvpress" else None)
             else:
                 ax.plot(part["ratio"], values, linewidth=1.4, markersize=5, **style)
-    ratio = ", ".join(f"{r:g}" for r in sorted(set(ok.loc[ok["family"] != "full", "ratio"])))
+    ratio = ", ".join(f"{r:g}" for r in sorted(set(ok.loc[compressed, "ratio"])))
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, loc="left")
         if bars:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from kvlab.lab.frame import group_columns, short
+from kvlab.lab.frame import group_columns, is_reference, short
 
 PASS, FAIL, NO_DATA = "PASS", "FAIL", "no data"
 MEMORY_MIN_PCT, QUALITY_MAX_LOSS_PCT = 40.0, 5.0
@@ -48,10 +48,15 @@ def _where(row: pd.Series, length: float) -> str:
     return f"{row['method']}, {row['model']}, {row['eval']}, {length:.0f} tokens"
 
 
+def _compressed(df: pd.DataFrame) -> pd.Series:
+    """Ok rows of a method other than the full cache."""
+    return (df["status"] == "ok") & ~df["method_name"].map(is_reference).astype(bool)
+
+
 def memory(df: pd.DataFrame) -> Criterion:
     name = f"KV memory reduced >= {MEMORY_MIN_PCT:.0f}% at {LONG_TOKENS}+ tokens"
     length = tokens(df)
-    cand = df[(df["status"] == "ok") & (df["method_name"] != "full") & (length >= LONG_TOKENS)
+    cand = df[_compressed(df) & (length >= LONG_TOKENS)
               & df["mem_reduction_pct"].notna()]
     if cand.empty:
         return Criterion(name, NO_DATA, f"no compressed cell at {LONG_TOKENS}+ tokens with memory measured")
@@ -63,7 +68,7 @@ def memory(df: pd.DataFrame) -> Criterion:
 
 def quality(df: pd.DataFrame) -> Criterion:
     name = f"quality loss < {QUALITY_MAX_LOSS_PCT:.0f}% (where memory is reduced >= {MEMORY_MIN_PCT:.0f}%)"
-    cand = df[(df["status"] == "ok") & (df["method_name"] != "full") & df["quality_loss_pct"].notna()
+    cand = df[_compressed(df) & df["quality_loss_pct"].notna()
               & (df["mem_reduction_pct"] >= MEMORY_MIN_PCT)]
     if cand.empty:
         return Criterion(name, NO_DATA, f"no compressed cell with >= {MEMORY_MIN_PCT:.0f}% memory reduction "

@@ -13,13 +13,14 @@ settings as ``param.<name>``, the method's settings as ``method.<name>``, every 
   timing in :data:`TIME_METRIC`, e.g. the median decode step of ``latency``).
 
 The *group* of a cell is everything but the method: same model, evaluation, device, dtype and
-settings (data, tokens, seed…). Its reference is the group's ``full`` row; without one, memory
+settings (data, tokens, seed…). Its reference is the group's full-cache row (:func:`is_reference`); without one, memory
 reduction falls back to the cell's own ``kv_bytes_full`` metric and the other comparisons stay empty.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,19 @@ def _defaults(method_name: str) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
 
 
+@lru_cache(maxsize=None)
+def is_reference(method_name: str) -> bool:
+    """Whether ``method_name`` is the registry's full cache (keeps every token, exactly): the reference every
+    other method is compared with. Asked of the registry, so an alias or subclass of it counts too."""
+    from kvlab.methods import get
+    from kvlab.methods.full import Full
+
+    try:
+        return issubclass(get(str(method_name)), Full)
+    except KvlabError:
+        return False
+
+
 def _same(a: Any, b: Any) -> bool:
     try:
         return float(a) == float(b)
@@ -170,7 +184,7 @@ def group_columns(df: pd.DataFrame) -> list[str]:
 def add_comparisons(df: pd.DataFrame) -> pd.DataFrame:
     keys = group_columns(df)
     ok = df["status"] == "ok"
-    ref = df[ok & (df["method_name"] == "full")].drop_duplicates(keys)
+    ref = df[ok & df["method_name"].map(is_reference).astype(bool)].drop_duplicates(keys)
     ref = ref[keys + ["quality", "kv_bytes", "time"]].rename(
         columns={"quality": "ref_quality", "kv_bytes": "ref_kv_bytes", "time": "ref_time"})
     out = df.merge(ref, on=keys, how="left")  # pandas matches NaN settings (other evals' params) to NaN

@@ -6,9 +6,11 @@ main_comparison        2x2 bars per setting group: perplexity, runtime, speed-up
 ablation_window_size   perplexity and memory reduction (twin axes) vs ``window``, runtime below
 ablation_n_sink        the same vs ``sinks``
 results_summary        the summary table as an image
-memory_vs_length       peak KV memory vs context length, one line per method
+memory_vs_length       peak KV memory vs context length, one line per method (and the process's peak
+                       memory beside it, where measured): :mod:`kvlab.lab.eval_figures`, as ``kvlab memory``
 quality_vs_budget      quality vs ``budget``, one line per method, the full cache dashed
 needle_heatmap         needle accuracy over context length x depth, one panel per method
+                       (:mod:`kvlab.lab.eval_figures`, as ``kvlab needle``)
 head_class_map         the head classes of a profile named by a row's method spec (``profile=FILE``)
 implementation_        kvlab vs kvpress at the same kept tokens (rows of ``kvlab compare kvpress``):
 comparison             quality, prefill, decode speed, cache held, peak RSS (:mod:`kvlab.compare.figure`)
@@ -16,7 +18,8 @@ comparison             quality, prefill, decode speed, cache held, peak RSS (:mo
 
 A figure whose data the rows do not hold is skipped with the reason; nothing is invented.
 Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot state) in one palette
-(Okabe-Ito, the full cache in grey), each method name keeping its colour in every figure.
+(Okabe-Ito, the full cache in grey), derived from the run's method names so that each method keeps its
+colour in every figure (:func:`kvlab.lab.plotting.method_palette`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from kvlab.compare.figure import implementation_comparison
+from kvlab.lab.eval_figures import memory_figure, needle_heatmap
 from kvlab.lab.frame import rows_frame, short, varying
-from kvlab.lab.plotting import (DPI, OKABE_ITO, STYLE, NoData, color, first_column, group_label, ok_rows, save,
-                                series, series_name, spec_colors, specs_of)
+from kvlab.lab.plotting import (DPI, OKABE_ITO, REFERENCE_COLOR, STYLE, NoData, group_label, method_palette, ok_rows,
+                                save, series, series_name, spec_colors, specs_of)
+
 
 @dataclass
 class PlotResult:
@@ -61,7 +66,7 @@ def main_comparison(df: pd.DataFrame) -> Figure:
     part = part.assign(group=[group_label(r, groups) for _, r in part.iterrows()])
     specs = _main_specs(part)
     part = part[part["method"].isin(specs)]
-    labels, colors = list(dict.fromkeys(part.sort_values(groups)["group"])), spec_colors(specs)
+    labels, colors = list(dict.fromkeys(part.sort_values(groups)["group"])), spec_colors(specs, method_palette(df["method_name"]))
     panels = [("quality", "perplexity (lower is better)"), ("runtime_s", "runtime (s)"),
               ("speedup", "speed-up vs full cache (x)"), ("mem_reduction_pct", "KV-memory reduction (%)")]
     fig = Figure(figsize=(max(8.0, 2.0 + 1.1 * len(labels)), 7.5), layout="constrained")
@@ -161,31 +166,6 @@ def results_summary(df: pd.DataFrame, max_rows: int = 30) -> Figure:
     return fig
 
 
-def memory_vs_length(df: pd.DataFrame) -> Figure:
-    part = ok_rows(df)
-    if "param.tokens" not in part:
-        raise NoData("no rows with a 'tokens' setting")
-    part, fixed = series(part[part["kv_bytes"].notna() & part["param.tokens"].notna()], "param.tokens",
-                          ["model", "eval", "method"], limit=24)
-    if part.empty:
-        raise NoData("no method with KV memory measured at 2+ context lengths, everything else fixed")
-    models = sorted(part["model"].unique())[:3]
-    fixed = [c for c in fixed if c != "model"]
-    colors = spec_colors(specs_of(part))
-    fig = Figure(figsize=(5.5 * len(models), 4.2), layout="constrained")
-    for ax, model in zip(np.atleast_1d(fig.subplots(1, len(models))), models):
-        for _, line in part[part["model"] == model].groupby("series", sort=True):
-            first = line.iloc[0]
-            line = line.groupby("param.tokens")["kv_bytes"].mean().sort_index()
-            ax.plot(line.index.to_numpy(dtype=float), line.to_numpy() / 2**20, "o-", color=colors[first["method"]],
-                    label=series_name(first, fixed, first["method"]))
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("peak KV cache (MiB)")
-        ax.set_title(f"KV memory vs length: {model}", loc="left")
-        ax.legend(frameon=False)
-    return fig
-
-
 def quality_vs_budget(df: pd.DataFrame) -> Figure:
     part = ok_rows(df)
     if "method.budget" not in part:
@@ -193,49 +173,23 @@ def quality_vs_budget(df: pd.DataFrame) -> Figure:
     part, fixed = series(part[part["method.budget"].notna()], "method.budget", ["model", "eval", "method_name"])
     if part.empty:
         raise NoData("no method swept over 'budget' with everything else fixed (need 2+ values)")
+    palette = method_palette(df["method_name"])
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, (_, line) in enumerate(part.groupby("series", sort=True)):
         first = line.iloc[0]
         name = series_name(first, fixed, str(first["method_name"]))
-        tint = color(first["method_name"]) if "method_name" not in fixed else OKABE_ITO[i % len(OKABE_ITO)]
+        tint = palette[first["method_name"]] if "method_name" not in fixed else OKABE_ITO[i % len(OKABE_ITO)]
         ref = line["ref_quality"].dropna()
         line = line.groupby("method.budget")["quality"].mean().sort_index()
         ax.plot(line.index.to_numpy(dtype=float), line.to_numpy(), "o-", color=tint, label=name)
         if not ref.empty:
-            ax.axhline(ref.mean(), color=tint if fixed else color("full"), linestyle="--", linewidth=1,
+            ax.axhline(ref.mean(), color=tint if fixed else REFERENCE_COLOR, linestyle="--", linewidth=1,
                        label="full cache" + (f" ({name})" if fixed else ""))
     ax.set_xlabel("budget (tokens kept per KV head)")
     ax.set_ylabel(", ".join(sorted(part["quality_metric"].dropna().unique())) or "quality")
     ax.set_title("Quality vs cache budget (dashed: full cache)", loc="left")
     ax.legend(frameon=False)
-    return fig
-
-
-def needle_heatmap(df: pd.DataFrame) -> Figure:
-    part = ok_rows(df, "needle")
-    length = first_column(part, ("param.length", "param.tokens", "param.context_length"))
-    depth = first_column(part, ("param.depth", "param.depth_pct", "param.depths"))
-    if part.empty or length is None or depth is None or "metric.accuracy" not in part:
-        raise NoData("no ok 'needle' rows with length, depth and accuracy")
-    specs = specs_of(part)[:6]
-    fig = Figure(figsize=(4.2 * len(specs), 3.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(specs), sharey=True))
-    image = None
-    for ax, spec in zip(axes, specs):
-        grid = part[part["method"] == spec].pivot_table(index=depth, columns=length, values="metric.accuracy",
-                                                         aggfunc="mean")
-        image = ax.imshow(grid.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], rotation=45)
-        ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
-        for (r, c), v in np.ndenumerate(grid.to_numpy(dtype=float)):
-            if not np.isnan(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black")
-        ax.set_title(spec, fontsize=8, loc="left")
-        ax.set_xlabel("context length (tokens)")
-        ax.grid(False)
-    axes[0].set_ylabel(f"needle depth ({short(depth)})")
-    fig.colorbar(image, ax=list(axes), label="accuracy", shrink=0.9)
     return fig
 
 
@@ -269,7 +223,7 @@ def head_class_map(df: pd.DataFrame) -> Figure:
 
 FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
     "main_comparison": main_comparison, "ablation_window_size": ablation_window_size,
-    "ablation_n_sink": ablation_n_sink, "results_summary": results_summary, "memory_vs_length": memory_vs_length,
+    "ablation_n_sink": ablation_n_sink, "results_summary": results_summary, "memory_vs_length": memory_figure,
     "quality_vs_budget": quality_vs_budget, "needle_heatmap": needle_heatmap, "head_class_map": head_class_map,
     "implementation_comparison": implementation_comparison,
 }

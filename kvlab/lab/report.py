@@ -21,7 +21,7 @@ import pandas as pd
 
 from kvlab.errors import KvlabError
 from kvlab.lab.criteria import Criterion
-from kvlab.lab.frame import short, varying
+from kvlab.lab.frame import is_reference, short, varying
 from kvlab.results import write_text_atomic
 
 FORMATS = {"csv": "report.csv", "json": "report.json", "latex": "report.tex", "md": "report.md"}
@@ -77,7 +77,7 @@ def summary_table(ev: str, part: pd.DataFrame) -> Table:
 
 
 def _order(name: Any) -> str:
-    return " " if name == "full" else str(name)  # the full cache first
+    return " " if is_reference(str(name)) else str(name)  # the full cache first
 
 
 def pivot(ev: str, part: pd.DataFrame, axis: str, index: list[str], name: str, title: str) -> Table:
