@@ -19,7 +19,7 @@ def test_readme_knorm_example(tiny_llama, monkeypatch):
     @dataclass
     class KeyNorm(kvlab.Method):
         budget: int = 512
-        name = "knorm"
+        name = "my-knorm"
 
         def capacity(self):
             return self.budget
@@ -27,9 +27,9 @@ def test_readme_knorm_example(tiny_llama, monkeypatch):
         def score(self, seg):
             return -seg.keys.norm(dim=-1)
 
-    assert "knorm" in kvlab.methods()
+    assert "my-knorm" in kvlab.methods()
     model = copy.deepcopy(tiny_llama)
-    cache = kvlab.make_cache(model, "knorm:budget=6")
+    cache = kvlab.make_cache(model, "my-knorm:budget=6")
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for s in range(0, 20, 4):

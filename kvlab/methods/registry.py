@@ -4,6 +4,12 @@
     StreamingLLM(sinks=4, window=1020)
 
 A new method is a dataclass in its own file plus one ``register`` call (or one line below).
+
+Methods from other packages: an installed distribution declares them in the ``kvlab.methods``
+entry-point group (``name = module:Class``, the name being the method's ``name``). Their names are
+listed without importing anything; a plugin is imported the first time its method is built, and a
+plugin that fails to import is one line naming its package. :func:`describe` says which package
+each method comes from.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from importlib import metadata
 from typing import Any
 
 from kvlab.errors import KvlabError, did_you_mean, unknown
@@ -18,6 +25,7 @@ from kvlab.methods.base import Method
 from kvlab.spec import parse_spec
 
 METHODS: dict[str, type[Method]] = {}
+GROUP = "kvlab.methods"  # the entry-point group of methods from other packages
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -31,15 +39,54 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def names() -> list[str]:
+    """Every method's name: kvlab's, those registered in Python, and other packages' (not imported)."""
     _load_builtins()
-    return sorted(METHODS)
+    return sorted(set(METHODS) | set(_plugins()))
+
+
+def describe() -> dict[str, str]:
+    """``{name: package}`` for every method: ``kvlab`` for the built-ins, a distribution's name for an
+    entry point, the top-level module for a method registered in Python."""
+    _load_builtins()
+    out = {n: cls.__module__.split(".")[0] for n, cls in METHODS.items()}
+    out.update({n: _dist_name(ep) for n, ep in _plugins().items() if n not in METHODS})
+    return dict(sorted(out.items()))
 
 
 def get(name: str) -> type[Method]:
     _load_builtins()
     if name not in METHODS:
-        raise unknown("method", name, METHODS)
+        plugins = _plugins()
+        if name not in plugins:
+            raise unknown("method", name, set(METHODS) | set(plugins))
+        _load_plugin(plugins[name])
     return METHODS[name]
+
+
+def _plugins() -> dict[str, metadata.EntryPoint]:
+    """The ``kvlab.methods`` entry points of installed distributions, by name (first one wins)."""
+    found: dict[str, metadata.EntryPoint] = {}
+    for ep in metadata.entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else ep.value.split(":")[0].split(".")[0]
+
+
+def _load_plugin(ep: metadata.EntryPoint) -> None:
+    where = f"method '{ep.name}' of package '{_dist_name(ep)}' ({ep.value})"
+    try:
+        cls = ep.load()
+    except Exception as exc:  # a plugin's own bug: one line, not a traceback
+        raise KvlabError(f"{where} failed to import: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise KvlabError(f"{where} is not a kvlab.Method subclass")
+    if cls.name != ep.name:
+        raise KvlabError(f"{where}: the class is named '{cls.name}', not '{ep.name}'")
+    if METHODS.get(ep.name) is not cls:
+        register(cls)
 
 
 def build(spec: str) -> Method:

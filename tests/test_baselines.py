@@ -1,0 +1,103 @@
+"""The baselines' own arithmetic on hand-built tensors, and their bad specs at the command line."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvlab.cache import make_cache
+from kvlab.cli.main import main
+from kvlab.methods import build
+from kvlab.methods.pyramidkv import layer_budget
+from kvlab.methods.snapkv import snap_scores
+from profiles import round_robin_profile
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("snapkv:budget=0", "budget must be a positive integer"),
+    ("snapkv:budget=16,window=32", "window (32) cannot exceed budget (16)"),
+    ("snapkv:kernel=4", "kernel must be an odd number"),
+    ("snapkv:windw=4", "did you mean 'window'"),
+    ("pyramidkv:budget=0", "budget must be a positive integer"),
+    ("pyramidkv:budget=16,window=32", "cannot exceed budget"),
+    ("pyramidkv:beta=0.5", "beta must be >= 1"),
+    ("tova:budget=0", "budget must be a positive integer"),
+    ("tova:recent=4", "has no setting 'recent'"),
+    ("knorm:budget=0", "budget must be a positive integer"),
+    ("knorm:budget=8,recent=9", "recent (9) cannot exceed budget (8)"),
+    ("keydiff:budget=-1", "budget must be a positive integer"),
+    ("duo:window=0", "window must be a positive integer"),
+    ("duo:window=8", "duo needs profile=FILE"),
+    ("duo:profile=p.json,full=heads", "full must be classes among"),
+])
+def test_bad_spec_is_one_line_exit_2(capsys, tmp_path, spec, message):
+    out_file = tmp_path / "r.json"
+    code = main(["ppl", "--method", spec, "--output", str(out_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out_file.exists()
+
+
+def test_pyramid_budgets_fall_linearly_around_the_mean():
+    budgets = [layer_budget(512, 32, 20, i, 30) for i in range(30)]
+    assert budgets[0] == 32 + round(2 * 480 - 480 / 20) and budgets[-1] == 32 + round(480 / 20)
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+    assert abs(sum(budgets) / 30 - 512) <= 0.5
+    assert [layer_budget(64, 8, 1, i, 4) for i in range(4)] == [64] * 4  # beta=1: uniform
+
+
+def test_snapkv_pools_and_keeps_the_window():
+    s = torch.tensor([[[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 0.0]]])  # (B=1, h=1, n=8)
+    out = snap_scores(SimpleNamespace(scores=s), window=2, kernel=3)
+    assert out[0, 0, :6].tolist() == [0.0, 5.0, 5.0, 5.0, 0.0, 1.0]  # each token: the max of its 3 neighbours
+    assert torch.isinf(out[0, 0, 6:]).all()
+    assert s[0, 0, 1] == 0  # the storage's scores are not modified
+    assert build("snapkv:budget=64,window=8").observed() == 8
+    assert build("pyramidkv:budget=64,window=8").observed() == 8
+
+
+def test_tova_observes_the_last_query_per_head_or_shared():
+    s = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # (B=1, h=2, n=2)
+    seg = SimpleNamespace(scores=s)
+    assert build("tova:budget=4").observed() == 1
+    assert torch.equal(build("tova:budget=4").score(seg), s)
+    assert build("tova:budget=4,shared=1").score(seg).tolist() == [[[0.5, 1.5], [0.5, 1.5]]]
+
+
+def test_keydiff_keeps_the_key_unlike_the_others():
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, -0.1]])[None, None]  # (1, 1, 4, 2)
+    seg = SimpleNamespace(keys=keys, order=torch.arange(4))
+    assert build("keydiff:budget=2").score(seg)[0, 0].argmax().item() == 2
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=8,window=3", "pyramidkv:budget=8,window=2,beta=2", "tova:budget=8",
+                                  "knorm:budget=8", "keydiff:budget=8"])
+def test_decoding_keeps_the_budget_after_prefill(tiny_llama, spec):
+    """Compress at prefill (one pass), then every decode step stays at the budget."""
+    model = copy.deepcopy(tiny_llama)
+    cache = make_cache(model, spec)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        for t in range(5):
+            model(ids[:, t:t + 1], past_key_values=cache)
+            for layer, kept in zip(cache.layers, cache.kept_tokens()):
+                assert all(k == layer.segments[0].group.budget + 1 for k in kept), kept
+    assert cache.seen_tokens == 29
+
+
+def test_duo_retrieval_heads_keep_everything(tiny_llama, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    cache = make_cache(model, f"duo:profile={round_robin_profile(model, tmp_path)},sinks=2,window=6")
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 20)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 1)), past_key_values=cache)
+    for layer, kept in zip(cache.layers, cache.kept_tokens()):
+        for seg in layer.segments:
+            want = 21 if seg.group.budget is None else 2 + 6 + 1
+            assert all(kept[h] == want for h in seg.group.heads), (seg.group.label, kept)
+    assert {seg.group.label for layer in cache.layers for seg in layer.segments} == {"retrieval", "streaming"}
