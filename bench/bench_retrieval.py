@@ -1,11 +1,13 @@
-"""Passkey accuracy vs the share of the KV cache kept: head-aware budgets against StreamingLLM and H2O.
+"""Passkey accuracy vs the share of the KV cache kept, on several filler texts: head-aware budgets against
+StreamingLLM and H2O.
 
-    python bench/bench_retrieval.py --profile q.json [--model qwen2.5-0.5b] [--length 3000]
-        [--depths 10,30,50,70,90] [--fractions 0.1,0.25,0.5,0.75]
+    python bench/bench_retrieval.py --profile q.json [--model qwen2.5-0.5b] [--lengths 2000,4000]
+        [--fillers pydoc,pg19,wikitext-2] [--depths 10,30,50,70,90] [--samples 2] [--fractions 0.1,0.25,0.5,0.75]
 
 The question-agnostic needle task of ``kvlab needle`` (:mod:`kvlab.evals.needle`): a passkey hidden at a
-depth of natural text (pydoc), the context streamed through the cache ``--chunk-size`` tokens at a time and
-compressed before the question is seen. At each fraction ``f`` of the context kept (``budget = round(f *
+depth of a filler text, the context streamed through the cache ``--chunk-size`` tokens at a time and
+compressed before the question is seen; ``--samples`` haystacks per (filler, length, depth). Without
+``--profile`` only the methods that need none run (streaming, h2o). At each fraction ``f`` of the context kept (``budget = round(f *
 length)`` tokens per KV head), every method runs at that budget:
 
     streaming            streaming:sinks=4,window=budget-4
@@ -17,9 +19,10 @@ length)`` tokens per KV head), every method runs at that budget:
 
 and the full cache once. "KV kept" is what the cache holds between forward passes (the budget: ``f`` of the
 context); "KV peak" is its measured peak over the full cache's bytes, which adds the chunk being fed on top
-of the budget. One JSON line per (method, depth) is appended to ``--out`` as it finishes; a rerun
-skips the lines already there (so an interrupted run resumes). Prints the accuracy-vs-KV table and writes
-``retrieval.md`` and ``retrieval.png`` beside the JSONL.
+of the budget. One JSON line per (method, length, filler, depth) is appended to ``--out`` as it finishes; a
+rerun skips the lines already there (so an interrupted run resumes). Prints one table per length: accuracy
+on each filler, their mean and the worst filler (a method tuned to one haystack shows as a low worst beside
+its mean); writes ``retrieval.md`` and ``retrieval.png`` (the mean over fillers) beside the JSONL.
 """
 
 from __future__ import annotations
@@ -59,20 +62,33 @@ def grid(fractions: list[float], length: int, profile: str, names: list[str]) ->
     return [("full", 1.0, "full"), *out]
 
 
+def _acc(part: list[dict]) -> float:
+    return sum(r["correct"] for r in part) / sum(r.get("samples", 1) for r in part)
+
+
 def table(rows: list[dict]) -> str:
-    """Accuracy (correct / samples) and measured KV share per method and fraction, markdown."""
-    by: dict[tuple[str, float], list[dict]] = {}
+    """Per method and fraction (rows of one length): accuracy on each filler, the mean over fillers, the worst
+    filler, the mean against the full cache's, and the measured KV share; markdown."""
+    fillers = list(dict.fromkeys(r.get("filler", "pydoc") for r in rows))
+    by: dict[tuple[str, float], dict[str, list[dict]]] = {}
     for r in rows:
-        by.setdefault((r["name"], r["fraction"]), []).append(r)
-    full = [r["correct"] for r in by.get(("full", 1.0), [])]
-    full_acc = sum(full) / len(full) if full else None
-    lines = ["| method | KV kept | KV peak (measured) | accuracy | of full's accuracy | samples |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for (name, f), part in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        acc = sum(r["correct"] for r in part) / len(part)
+        by.setdefault((r["name"], r["fraction"]), {}).setdefault(r.get("filler", "pydoc"), []).append(r)
+
+    def mean(cell: dict[str, list[dict]]) -> float:
+        return sum(_acc(p) for p in cell.values()) / len(cell)
+
+    full = mean(by[("full", 1.0)]) if ("full", 1.0) in by else None
+    lines = ["| method | KV kept | KV peak (measured) | " + " | ".join(fillers) + " | mean | worst | of full's mean "
+             "| samples |", "|---|---:|---:|" + "---:|" * (len(fillers) + 4)]
+    for (name, f), cell in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        acc = {k: _acc(p) for k, p in cell.items()}
+        worst = min(acc, key=lambda k: (acc[k], k))
+        part = [r for p in cell.values() for r in p]
         kv = 100 * sum(r["kv_bytes_peak"] / r["kv_bytes_full"] for r in part) / len(part)
-        rel = f"{acc / full_acc:.2f}" if full_acc else "n/a"
-        lines.append(f"| {name} | {100 * f:.0f}% | {kv:.1f}% | {acc:.2f} | {rel} | {len(part)} |")
+        rel = f"{mean(cell) / full:.2f}" if full else "n/a"
+        per = " | ".join(f"{acc[k]:.2f}" if k in acc else "n/a" for k in fillers)
+        lines.append(f"| {name} | {100 * f:.0f}% | {kv:.1f}% | {per} | {mean(cell):.2f} | {acc[worst]:.2f} ({worst}) "
+                     f"| {rel} | {sum(r.get('samples', 1) for r in part)} |")
     return "\n".join(lines)
 
 
@@ -90,16 +106,16 @@ def figure(rows: list[dict], path: Path) -> None:
             if r["name"] == name:
                 pts.setdefault(r["fraction"], []).append(r)
         xs = sorted(pts)
-        acc = [sum(r["correct"] for r in pts[x]) / len(pts[x]) for x in xs]
+        acc = [_acc(pts[x]) for x in xs]
         ablation = name in ABLATIONS  # own colours and dashes, drawn on top: they can coincide with another line
         style = ABLATION_STYLE[ABLATIONS.index(name)] if ablation else ("o-", color(name))
         ax.plot([100 * x for x in xs], acc, style[0], color=style[1], label=name, zorder=3 if ablation else 2,
                 markersize=8 if ablation else 6, alpha=0.85)
-    full = [r["correct"] for r in rows if r["name"] == "full"]
+    full = [r for r in rows if r["name"] == "full"]
     if full:
-        ax.axhline(sum(full) / len(full), color=color("full"), linestyle=":", label="full cache")
+        ax.axhline(_acc(full), color=color("full"), linestyle=":", label="full cache")
     ax.set_xlabel("KV cache kept between forward passes (% of the context)")
-    ax.set_ylabel("passkey accuracy")
+    ax.set_ylabel("passkey accuracy (all fillers)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Question-agnostic passkey retrieval vs KV kept", loc="left")
     ax.legend(frameon=False)
@@ -108,54 +124,69 @@ def figure(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--profile", required=True, help="head profile of the model (kvlab heads profile)")
+    p.add_argument("--profile", help="head profile of the model (kvlab heads profile); needed by head-aware")
     p.add_argument("--model", default="qwen2.5-0.5b")
-    p.add_argument("--length", type=int, default=3000, help="context tokens")
+    p.add_argument("--lengths", "--length", default="2000,4000", help="context tokens, comma-separated")
+    p.add_argument("--fillers", default="pydoc,pg19,wikitext-2", help="filler texts (pydoc | pg19 | wikitext-2 | PATH)")
+    p.add_argument("--samples", type=int, default=2, help="haystacks per (length, filler, depth)")
     p.add_argument("--depths", default="10,30,50,70,90", help="needle depths, percent")
     p.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="shares of the context kept")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
+    p.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)} (default: all; streaming,h2o "
+                                      "without --profile)")
     p.add_argument("--ablation-fractions", default="0.25,0.5",
                    help=f"fractions the ablations ({', '.join(ABLATIONS)}) run at")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="JSONL of per-sample results (appended; resumes)")
     args = p.parse_args()
-    names = [n.strip() for n in args.methods.split(",")]
+    names = [n.strip() for n in (args.methods or ",".join(METHODS if args.profile else ("streaming", "h2o"))).split(",")]
     bad = [n for n in names if n not in METHODS]
-    if bad or not Path(args.profile).is_file():
-        print(f"error: unknown method {bad}" if bad else f"error: profile '{args.profile}' not found", file=sys.stderr)
+    error = f"unknown method {bad}" if bad else None
+    if not error and any(n.startswith("head-aware") for n in names) and not (args.profile and Path(args.profile).is_file()):
+        error = f"profile '{args.profile}' not found (head-aware needs one: kvlab heads profile)"
+    lengths = [int(n) for n in args.lengths.split(",")]
+    fillers = [f.strip() for f in args.fillers.split(",") if f.strip()]
+    if not error and args.samples < 1:
+        error = f"--samples must be at least 1, got {args.samples}"
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     depths = [float(d) for d in args.depths.split(",")]
     ablation_at = {float(f) for f in args.ablation_fractions.split(",")}
-    cells = [c for c in grid([float(f) for f in args.fractions.split(",")], args.length, args.profile, names)
-             if c[0] not in ABLATIONS or c[1] in ablation_at]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
-    have = {(r["spec"], r["depth"], r["length"]) for r in done}
+    have = {(r["spec"], r["depth"], r["length"], r.get("filler", "pydoc"), r.get("samples", 1)) for r in done}
     model, tok = kvlab.load(args.model)
     meta = {"model": args.model, "git_hash": git_hash(), "transformers": versions().get("transformers")}
-    for name, fraction, spec in cells:
-        for depth in depths:
-            if (spec, depth, args.length) in have:
-                continue
-            t = time.perf_counter()
-            params = needle.Params(length=args.length, depth=depth, chunk_size=args.chunk_size)
-            m = needle.evaluate(model, tok, spec, params)
-            row = {"name": name, "fraction": fraction, "spec": spec, "depth": depth, "length": args.length,
-                   "correct": m["correct"], "answer": m["answers"][0], "expected": m["expected"][0],
-                   "kv_bytes_peak": m["kv_bytes_peak"], "kv_bytes_full": m["kv_bytes_full"],
-                   "seconds": round(time.perf_counter() - t, 1), **meta}
-            with args.out.open("a") as fh:  # one whole line per finished sample
-                fh.write(json.dumps(row) + "\n")
-            done.append(row)
-            print(f"{name} {fraction:g} depth {depth:g}: {'ok' if row['correct'] else 'miss'} "
-                  f"({row['answer']!r}, expected {row['expected']}) {row['seconds']}s", flush=True)
-    md = table([r for r in done if r["length"] == args.length])
+    for length in lengths:
+        cells = [c for c in grid([float(f) for f in args.fractions.split(",")], length, args.profile, names)
+                 if c[0] not in ABLATIONS or c[1] in ablation_at]
+        for filler in fillers:
+            for name, fraction, spec in cells:
+                for depth in depths:
+                    if (spec, depth, length, filler, args.samples) in have:
+                        continue
+                    t = time.perf_counter()
+                    params = needle.Params(length=length, depth=depth, samples=args.samples, data=filler,
+                                           chunk_size=args.chunk_size)
+                    m = needle.evaluate(model, tok, spec, params)
+                    row = {"name": name, "fraction": fraction, "spec": spec, "depth": depth, "length": length,
+                           "filler": filler, "samples": args.samples, "correct": m["correct"], "answers": m["answers"],
+                           "expected": m["expected"], "kv_bytes_peak": m["kv_bytes_peak"],
+                           "kv_bytes_full": m["kv_bytes_full"], "seconds": round(time.perf_counter() - t, 1), **meta}
+                    with args.out.open("a") as fh:  # one whole line per finished cell
+                        fh.write(json.dumps(row) + "\n")
+                    done.append(row)
+                    print(f"{name} {fraction:g} {filler} {length} depth {depth:g}: {row['correct']}/{args.samples} "
+                          f"({row['answers']!r}, expected {row['expected']}) {row['seconds']}s", flush=True)
+    mine = [r for r in done if r.get("samples", 1) == args.samples and r.get("filler", "pydoc") in fillers]
+    md = "\n\n".join(f"length {n}\n\n{table([r for r in mine if r['length'] == n])}" for n in lengths
+                     if any(r["length"] == n for r in mine))
     print(md)
     write_text_atomic(args.out.with_suffix(".md"), md + "\n")
-    figure([r for r in done if r["length"] == args.length], args.out.with_suffix(".png"))
+    figure([r for r in mine if r["length"] == lengths[-1]], args.out.with_suffix(".png"))
     return 0
 
 
