@@ -101,3 +101,13 @@ def test_duo_retrieval_heads_keep_everything(tiny_llama, tmp_path):
             want = 21 if seg.group.budget is None else 2 + 6 + 1
             assert all(kept[h] == want for h in seg.group.heads), (seg.group.label, kept)
     assert {seg.group.label for layer in cache.layers for seg in layer.segments} == {"retrieval", "streaming"}
+
+
+def test_compare_places_every_baseline_at_kvpress_kept_tokens(tmp_path):
+    from kvlab.compare.kvlab_runs import NEEDS_PROFILE, method_spec
+
+    for name in ("snapkv", "pyramidkv", "tova", "knorm", "keydiff"):
+        assert build(method_spec(name, 333)).capacity() == 333, name
+    assert method_spec("snapkv", 40) == "snapkv:budget=40,window=40,kernel=5"
+    assert method_spec("duo", 100, "p.json") == "duo:profile=p.json,sinks=4,window=96"
+    assert "duo" in NEEDS_PROFILE and "head-aware" in NEEDS_PROFILE and "snapkv" not in NEEDS_PROFILE

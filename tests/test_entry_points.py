@@ -74,6 +74,9 @@ def test_outside_method_is_listed_with_its_package_and_builds(plugin, tiny_llama
         model(torch.randint(0, 256, (1, 20)), past_key_values=cache)
         model(torch.randint(0, 256, (1, 1)), past_key_values=cache)
     assert all(k == 6 + 1 for layer in cache.kept_tokens() for k in layer)
+    from kvlab.compare.kvlab_runs import method_spec
+
+    assert method_spec("oldest", 50) == "oldest:budget=50"  # kvlab compare places it at kvpress's kept tokens
 
 
 def test_broken_plugin_and_bad_spec_are_one_line_exit_2(plugin, capsys):

@@ -9,7 +9,16 @@ that budget (:func:`method_spec`):
     h2o         h2o:budget=kept,recent=kept//4           beside ObservedAttentionPress (attention it received)
     head-aware  head-aware:budget=kept,profile=P         beside AdaKVPress (per-head budgets)
     haq         haq:budget=kept,profile=P,bits=8/4/2
+    snapkv      snapkv:budget=kept,window=min(64,kept),kernel=5      beside SnapKVPress (its defaults)
+    pyramidkv   pyramidkv:budget=kept,window=min(64,kept),kernel=5   beside PyramidKVPress
+    tova        tova:budget=kept                         beside TOVAPress
+    knorm       knorm:budget=kept                        beside KnormPress
+    keydiff     keydiff:budget=kept                      beside KeyDiffPress
+    duo         duo:profile=P,sinks=4,window=kept-4      (retrieval heads keep everything)
     full        full                                     beside kvpress without a press ("none")
+
+These are data (:data:`AT_KEPT`); any other registered method, an outside package's too, runs as
+``name:budget=kept`` (plus ``profile=P`` when its class has a ``profile`` field).
 
 *Passkey QA*, question-agnostic like kvpress's pipeline: the context streams through kvlab's cache
 ``chunk_size`` tokens at a time, compressed between chunks and once more after the last one (:func:`compress_now`,
@@ -23,6 +32,7 @@ in one pass on a cache that then grows without eviction (:func:`unbound` lifts e
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,8 +46,34 @@ from kvlab.device import synchronize
 from kvlab.errors import KvlabError, unknown
 from kvlab.evals.haystack import grade  # the one passkey grader (side_by_side re-exports it)
 
-METHODS = ("streaming", "h2o", "head-aware", "haq", "full")
-NEEDS_PROFILE = ("head-aware", "haq")
+#: how a method sits at kvpress's ``kept`` tokens per KV head: spec templates, filled by :func:`method_spec`
+#: (``{window}`` = kept - 4 beside 4 sinks, ``{quarter}`` = kept // 4, ``{obs}`` = min(64, kept): kvpress's window)
+AT_KEPT = {
+    "streaming": "streaming:sinks=4,window={window}",
+    "h2o": "h2o:budget={kept},recent={quarter}",
+    "haq": "haq:budget={kept},profile={profile},bits=8/4/2",
+    "snapkv": "snapkv:budget={kept},window={obs},kernel=5",
+    "pyramidkv": "pyramidkv:budget={kept},window={obs},kernel=5",
+    "duo": "duo:profile={profile},sinks=4,window={window}",
+    "full": "full",
+}
+METHODS = ("streaming", "h2o", "head-aware", "haq", "snapkv", "pyramidkv", "tova", "knorm", "keydiff", "duo", "full")
+
+
+class _NeedsProfile:
+    """``m in NEEDS_PROFILE``: whether registered method ``m`` has a ``profile`` field (asks the registry)."""
+
+    def __contains__(self, method: object) -> bool:
+        from kvlab.methods import registry
+
+        try:
+            cls = registry.get(str(method))
+        except KvlabError:
+            return False
+        return any(f.name == "profile" for f in dataclasses.fields(cls))
+
+
+NEEDS_PROFILE = _NeedsProfile()
 
 
 def kept_tokens(ratio: float, context_tokens: int) -> int:
@@ -49,22 +85,23 @@ def kept_tokens(ratio: float, context_tokens: int) -> int:
 
 def method_spec(method: str, kept: int, profile: str | None = None) -> str:
     """The kvlab spec of ``method`` at ``kept`` tokens per KV head (see the module docstring)."""
-    if method not in METHODS:
-        raise unknown("kvlab method for the kvpress comparison", method, METHODS)
+    from kvlab.methods import registry
+
+    known = registry.names()
+    if method not in known:
+        raise unknown("kvlab method for the kvpress comparison", method, known)
     if method in NEEDS_PROFILE and not profile:
         raise KvlabError(f"kvlab method '{method}' needs a head profile: give --profile FILE "
                          "(make one with 'kvlab heads profile --model M --output FILE')")
-    if method == "streaming":
-        if kept <= 4:
-            raise KvlabError(f"streaming keeps 4 sinks plus a window: {kept} kept tokens leave no window")
-        return f"streaming:sinks=4,window={kept - 4}"
-    if method == "h2o":
-        return f"h2o:budget={kept},recent={kept // 4}"
-    if method == "head-aware":
-        return f"head-aware:budget={kept},profile={profile}"
-    if method == "haq":
-        return f"haq:budget={kept},profile={profile},bits=8/4/2"
-    return "full"
+    template = AT_KEPT.get(method)
+    if template is None:
+        fields = {f.name for f in dataclasses.fields(registry.get(method))}
+        if "budget" not in fields:
+            raise KvlabError(f"kvlab method '{method}' has no 'budget' setting to set at kvpress's kept tokens")
+        template = method + ":budget={kept}" + (",profile={profile}" if "profile" in fields else "")
+    if "{window}" in template and kept <= 4:
+        raise KvlabError(f"{method} keeps 4 sinks plus a window: {kept} kept tokens leave no window")
+    return template.format(kept=kept, window=kept - 4, quarter=kept // 4, obs=min(64, kept), profile=profile)
 
 
 def compress_now(cache: KVCache) -> None:

@@ -34,8 +34,8 @@ from kvlab.results import make_row
 PROTOCOL = 1
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".kvpress-venv"
-PRESSES = ("StreamingLLMPress", "SnapKVPress", "ObservedAttentionPress", "ExpectedAttentionPress",
-           "AdaKVPress(SnapKVPress)", "KnormPress")
+PRESSES = ("StreamingLLMPress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "ObservedAttentionPress",
+           "ExpectedAttentionPress", "AdaKVPress(SnapKVPress)", "KnormPress", "KeyDiffPress")
 TASKS = ("passkey", "ppl")
 HIGHER_IS_BETTER = {"accuracy": True, "exact_match": True, "ppl": False, "nll": False, "prefill_s": False,
                     "prefill_tok_s": True, "decode_tok_s": True, "cache_bytes": False,
