@@ -111,3 +111,19 @@ def test_compare_places_every_baseline_at_kvpress_kept_tokens(tmp_path):
     assert method_spec("snapkv", 40) == "snapkv:budget=40,window=40,kernel=5"
     assert method_spec("duo", 100, "p.json") == "duo:profile=p.json,sinks=4,window=96"
     assert "duo" in NEEDS_PROFILE and "head-aware" in NEEDS_PROFILE and "snapkv" not in NEEDS_PROFILE
+
+
+def test_criteria_compare_head_aware_with_the_strongest_baseline():
+    import lab_fakes
+    from kvlab.lab.criteria import FAIL, PASS, check
+    from kvlab.lab.frame import rows_frame
+
+    model = "smollm2-135m"
+    specs = ("full", "streaming:sinks=4,window=252", "snapkv:budget=256,window=32", "head-aware:budget=256,profile=p.json")
+    rows = [lab_fakes.ppl_row(model, m, 1024) for m in specs]
+    frame = rows_frame(rows)
+    loss = dict(zip(frame["method_name"], frame["quality_loss_pct"]))
+    crit = check(frame)[-1]
+    assert crit.name.startswith("head-aware vs the strongest baseline") and "snapkv" in crit.detail
+    assert crit.status == (PASS if loss["head-aware"] <= min(loss["streaming"], loss["snapkv"]) else FAIL)
+    assert len(check(rows_frame(rows[:2]))) == 5  # no head-aware method: no sixth criterion

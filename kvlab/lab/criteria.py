@@ -8,7 +8,9 @@ decide it (a criterion is never passed by default):
    the memory, compared with the full cache of the same group; the best method decides);
 3. 20000+ tokens supported (a cell at 20000+ tokens finished ok);
 4. three model families run (families of the models with ok rows);
-5. an ablation present (one method setting swept over >= 3 values, everything else fixed).
+5. an ablation present (one method setting swept over >= 3 values, everything else fixed);
+6. (when a head-aware method ran) head-aware beats the strongest baseline present: its worst loss (as
+   in 2) is no higher than that of the best method outside :data:`PROPOSED` (h2o, streaming, snapkv, ...).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kvlab.lab.frame import group_columns, is_reference, short
 PASS, FAIL, NO_DATA = "PASS", "FAIL", "no data"
 MEMORY_MIN_PCT, QUALITY_MAX_LOSS_PCT = 40.0, 5.0
 LONG_TOKENS, LONGEST_TOKENS, FAMILIES = 10_000, 20_000, 3
+PROPOSED = ("head-aware", "haq")  # the methods under test; every other compressed method is a baseline
 TOKEN_COLUMNS = ("param.tokens", "param.length", "param.context_length", "metric.tokens")
 
 
@@ -137,6 +140,22 @@ def ablation(df: pd.DataFrame) -> Criterion:
     return Criterion(name, PASS, "; ".join(found[:4]))
 
 
+def versus_baseline(df: pd.DataFrame) -> Criterion:
+    name = "head-aware vs the strongest baseline (worst quality loss where memory is reduced >= " \
+           f"{MEMORY_MIN_PCT:.0f}%)"
+    cand = df[_compressed(df) & df["quality_loss_pct"].notna() & (df["mem_reduction_pct"] >= MEMORY_MIN_PCT)]
+    worst = cand.groupby("method_name")["quality_loss_pct"].max()
+    mine, base = worst[worst.index.isin(PROPOSED)], worst[~worst.index.isin(PROPOSED)]
+    if mine.empty or base.empty:
+        return Criterion(name, NO_DATA, "needs a head-aware method and a baseline, each with a full-cache row in "
+                                        f"its group and >= {MEMORY_MIN_PCT:.0f}% memory reduction")
+    m, b = mine.idxmin(), base.idxmin()
+    status = PASS if mine[m] <= base[b] else FAIL
+    return Criterion(name, status, f"{m} {mine[m]:+.2f}% vs strongest baseline {b} {base[b]:+.2f}% "
+                                   f"(of {', '.join(sorted(base.index))})")
+
+
 def check(df: pd.DataFrame) -> list[Criterion]:
     """Every criterion, in the research plan's order."""
-    return [memory(df), quality(df), long_context(df), families(df), ablation(df)]
+    mine = [versus_baseline(df)] if df["method_name"].isin(PROPOSED).any() else []
+    return [memory(df), quality(df), long_context(df), families(df), ablation(df), *mine]
