@@ -1,0 +1,68 @@
+"""Re-indexed positions stay exact in low precision: every moved key is re-derived from its original."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab.methods.streaming_llm import StreamingLLM
+from kvlab.storage import Group, Rotary
+from kvlab.storage.dense import Segment
+
+HEAD_DIM = 128
+# Llama-3's frequencies (theta 500,000), head_dim 128
+INV_FREQ = 1.0 / (500_000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Literal RoPE (rotate_half) of ``x (..., n, D)`` at positions ``pos (n,)``, in float64."""
+    ang = pos.double()[:, None] * INV_FREQ.double()
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    x = x.double()
+    return x * cos + torch.cat((-x[..., HEAD_DIM // 2:], x[..., :HEAD_DIM // 2]), -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ten_thousand_steps_keep_sinks_within_one_rounding(dtype):
+    """10,000 single-token steps: the sinks' keys equal the original keys rotated once to their frame
+    positions, within the dtype's rounding of one rotation, and the error does not grow with the steps."""
+    g = torch.Generator().manual_seed(0)
+    sinks, window, steps = 4, 60, 10_000
+    k0 = torch.randn(1, 2, sinks, HEAD_DIM, generator=g)  # pre-RoPE sink keys
+    seg = Segment(Group(heads=(0, 1), budget=sinks + window, scorer=StreamingLLM(sinks=sinks, window=window)),
+                  Rotary(INV_FREQ))
+    seg.push(_rotate(k0, torch.arange(sinks)).to(dtype), torch.zeros(1, 2, sinks, HEAD_DIM, dtype=dtype))
+    filler = torch.randn(1, 2, 1, HEAD_DIM, generator=g).to(dtype)
+    one = (_rotate(k0, torch.arange(sinks)).to(dtype).double() - _rotate(k0, torch.arange(sinks))).norm()
+    errors = {}
+    for t in range(sinks, sinks + steps):
+        seg.push(filler, filler)
+        if t + 1 - sinks in (100, 1000, steps):
+            n = seg.length
+            frame = torch.arange(t + 1 - n, t + 1 - n + sinks)
+            exact = _rotate(k0, frame)
+            errors[t + 1 - sinks] = (seg.stored()[0][:, :, :sinks].double() - exact).norm() / exact.norm()
+    eps = torch.finfo(dtype).eps
+    assert all(e <= 2 * eps for e in errors.values()), errors  # one rounding of one rotation
+    assert errors[steps] <= max(errors[100], one / _rotate(k0, torch.arange(sinks)).norm()) * 1.5 + eps / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_over_the_cache_matches_the_originals_rotated_once(dtype):
+    g = torch.Generator().manual_seed(1)
+    sinks, window, total = 4, 28, 3_000
+    k0 = torch.randn(1, 1, total, HEAD_DIM, generator=g)
+    v = torch.randn(1, 1, total, HEAD_DIM, generator=g).to(dtype)
+    seg = Segment(Group(heads=(0,), budget=sinks + window, scorer=StreamingLLM(sinks=sinks, window=window)),
+                  Rotary(INV_FREQ))
+    keys = torch.cat([_rotate(k0[:, :, t:t + 1], torch.tensor([t])) for t in range(total)], dim=2).to(dtype)
+    for t in range(total):
+        seg.push(keys[:, :, t:t + 1], v[:, :, t:t + 1])
+    q = torch.randn(1, 1, 1, HEAD_DIM, generator=g).to(dtype)
+    ours = seg.attend(q, HEAD_DIM ** -0.5, None).double()
+    kept = [*range(sinks), *range(total - window - 1, total)]  # the budget, plus the token just appended
+    n = len(kept)
+    exact_keys = _rotate(k0[:, :, kept], torch.arange(total - n, total)).to(dtype)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), exact_keys.double(), v[:, :, kept].double(),
+                                                           scale=HEAD_DIM ** -0.5)
+    assert (ours - ref).abs().max() <= 4 * torch.finfo(dtype).eps * ref.abs().max()
