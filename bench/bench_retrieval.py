@@ -7,8 +7,10 @@ StreamingLLM and H2O.
 The question-agnostic needle task of ``kvlab needle`` (:mod:`kvlab.evals.needle`): a passkey hidden at a
 depth of a filler text, the context streamed through the cache ``--chunk-size`` tokens at a time and
 compressed before the question is seen; ``--samples`` haystacks per (filler, length, depth). Without
-``--profile`` only the methods that need none run (streaming, h2o). At each fraction ``f`` of the context kept (``budget = round(f *
-length)`` tokens per KV head), every method runs at that budget:
+``--profile`` only the methods that need none run (streaming, h2o).
+
+At each fraction ``f`` of the context kept (``budget = round(f * length)`` tokens per KV head), every method
+runs at that budget:
 
     streaming            streaming:sinks=4,window=budget-4
     h2o                  h2o:budget=budget,recent=budget//4
@@ -139,10 +141,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="JSONL of per-sample results (appended; resumes)")
     args = p.parse_args()
-    names = [n.strip() for n in (args.methods or ",".join(METHODS if args.profile else ("streaming", "h2o"))).split(",")]
+    default = METHODS if args.profile else ("streaming", "h2o")
+    names = [n.strip() for n in (args.methods or ",".join(default)).split(",")]
     bad = [n for n in names if n not in METHODS]
     error = f"unknown method {bad}" if bad else None
-    if not error and any(n.startswith("head-aware") for n in names) and not (args.profile and Path(args.profile).is_file()):
+    has_profile = bool(args.profile) and Path(args.profile).is_file()
+    if not error and any(n.startswith("head-aware") for n in names) and not has_profile:
         error = f"profile '{args.profile}' not found (head-aware needs one: kvlab heads profile)"
     lengths = [int(n) for n in args.lengths.split(",")]
     fillers = [f.strip() for f in args.fillers.split(",") if f.strip()]

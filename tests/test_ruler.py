@@ -115,8 +115,10 @@ def test_command_writes_rows_table_and_heatmap(kvlab_cli, tmp_path, capsys):
     out = tmp_path / "r"
     filler = tmp_path / "filler.txt"
     filler.write_text(FILLER)
-    assert kvlab_cli("ruler", "--method", "full;streaming:sinks=4,window=252", "--tasks", "niah_single_2,niah_multikey_2,fwe",
-                     "--lengths", "1000",  # the tiny model has 1024 positions "--samples", "2", "--filler", filler, "--max-new-tokens", "4",
+    # the tiny model has 1024 positions: 1000 prompt tokens and 4 new ones
+    assert kvlab_cli("ruler", "--method", "full;streaming:sinks=4,window=252",
+                     "--tasks", "niah_single_2,niah_multikey_2,fwe",
+                     "--lengths", "1000", "--samples", "2", "--filler", filler, "--max-new-tokens", "4",
                      "--no-progress", "--out", out) == 0
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
     assert len(rows) == 6 and {r["eval"] for r in rows} == {"ruler"}
@@ -128,8 +130,15 @@ def test_command_writes_rows_table_and_heatmap(kvlab_cli, tmp_path, capsys):
     assert kv["streaming:sinks=4,window=252"] < kv["full"]
     table = capsys.readouterr().out
     assert "| niah_single_2 |" in table and "**mean**" in table
-    assert (out / "ruler.md").read_text().strip() == ruler_report.table(rows)
+    order = {m: i for i, m in enumerate(["full", "streaming:sinks=4,window=252"])}
+    rows.sort(key=lambda r: order[r["config"]["method"]])  # the command's order: methods, then tasks
+    assert (out / "ruler.md").read_text().strip() in table and set(ruler_report.table(rows).splitlines()) == \
+        set((out / "ruler.md").read_text().strip().splitlines())
     assert (out / "ruler.png").stat().st_size > 5_000
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
+    assert kvlab_cli("ruler", "--method", "full", "--tasks", "fwe", "--lengths", "1000", "--samples", "2",
+                     "--filler", filler, "--max-new-tokens", "4", "--no-progress", "--out", out) == 0  # kept, not rerun
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")} == first
 
 
 def test_question_aware_prefill(tiny_qwen2):

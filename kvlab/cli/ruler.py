@@ -1,14 +1,15 @@
 """``kvlab ruler``: RULER's synthetic tasks (generated locally) over methods x tasks x lengths.
 
 One row per (method, task, length) in ``--out DIR/rows/`` (the rows the lab writes for eval ``ruler``), the
-task x method table printed and written to ``DIR/ruler.md``, and the heatmap ``DIR/ruler.png``. Every input
-is checked (tasks, methods, lengths, filler, and each task generated once at each length) before anything is
-written.
+task x method table printed and written to ``DIR/ruler.md``, and the heatmap ``DIR/ruler.png``. A rerun into
+the same folder keeps the cells whose row is there (an interrupted run resumes). Every input is checked
+(tasks, methods, lengths, filler, and each task generated once at each length) before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def run_ruler(args: argparse.Namespace) -> int:
     from kvlab.cli.evals import split_specs
     from kvlab.evals import ruler, ruler_report
     from kvlab.evals.common import cell_config
-    from kvlab.results import make_row, write_json_atomic, write_text_atomic
+    from kvlab.results import config_hash, make_row, write_json_atomic, write_text_atomic
 
     tasks = ruler.expand_tasks(split_list(args.tasks, str, "--tasks"))
     lengths = split_list(args.lengths, int, "--lengths")
@@ -68,14 +69,17 @@ def run_ruler(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     for method, params in tqdm(cells, desc="ruler", disable=not progress):
-        start = time.perf_counter()
-        metrics = ruler.evaluate(model, tok, method, params, progress=progress)
         config = cell_config(args.model, method, "ruler", params, device=args.device, dtype=args.dtype)
-        row = make_row("ruler", config, metrics, higher_is_better=ruler.HIGHER_IS_BETTER, device=str(model.device),
-                       runtime_s=time.perf_counter() - start, notes=metrics.get("note"))
-        write_json_atomic(out / "rows" / f"{row['id']}.json", row)
+        path = out / "rows" / f"{config_hash({'eval': 'ruler', **config})}.json"
+        row = json.loads(path.read_text()) if path.is_file() else None  # a rerun keeps the cells already done
+        if row is None or row.get("status") != "ok":
+            start = time.perf_counter()
+            metrics = ruler.evaluate(model, tok, method, params, progress=progress)
+            row = make_row("ruler", config, metrics, higher_is_better=ruler.HIGHER_IS_BETTER,
+                           device=str(model.device), runtime_s=time.perf_counter() - start, notes=metrics.get("note"))
+            write_json_atomic(path, row)
         rows.append(row)
-        score = "n/a" if metrics["score"] is None else f"{metrics['score']:.2f}"
+        score = "n/a" if row["metrics"]["score"] is None else f"{row['metrics']['score']:.2f}"
         print(f"[{len(rows)}/{len(cells)}] ruler {method} {params.task} length={params.length}: score {score} "
               f"in {row['runtime_s']:.1f}s", file=sys.stderr)
     md = ruler_report.table(rows)

@@ -217,8 +217,8 @@ def _chains(task: Task, rng: random.Random) -> tuple[list[list[str]], list[list[
         v = "".join(rng.choices(string.ascii_uppercase, k=5))
         names += [] if v in names else [v]
     groups = [names[i:i + task.hops + 1] for i in range(0, len(names), task.hops + 1)]
-    statements = [[f"VAR {g[0]} = {rng.randint(10000, 99999)}"] + [f"VAR {g[j + 1]} = VAR {g[j]}" for j in range(task.hops)]
-                  for g in groups]
+    statements = [[f"VAR {g[0]} = {rng.randint(10000, 99999)}"]
+                  + [f"VAR {g[j + 1]} = VAR {g[j]}" for j in range(task.hops)] for g in groups]
     return groups, statements
 
 
