@@ -5,9 +5,16 @@
 ``base``: the storage contract; ``dense`` and ``quantized``: its two implementations.
 """
 
-from kvlab.storage.base import Storage, keep_indices, make_segment
+from kvlab.storage.base import Storage, keep_indices
+from kvlab.storage.dense import Segment
 from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, WIDTHS, Group, LayerInfo, QuantGroup, RecentWindow, Scorer
+from kvlab.storage.quantized import QuantSegment
 from kvlab.storage.rope import Rotary
 
-__all__ = ["GROUP_SIZE", "RESIDUAL", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "RecentWindow", "Rotary", "Scorer", "Storage",
-           "keep_indices", "make_segment"]
+__all__ = ["GROUP_SIZE", "RESIDUAL", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment", "RecentWindow",
+           "Rotary", "Scorer", "Segment", "Storage", "keep_indices", "make_segment"]
+
+
+def make_segment(group: Group, rotary: Rotary | None) -> Storage:
+    """The storage for a group: dense for 16 bits, KIVI-quantized (:mod:`kvlab.storage.quantized`) below."""
+    return Segment(group, rotary) if group.bits >= 16 else QuantSegment(group, rotary)

@@ -1,7 +1,7 @@
 """The storage contract: what the cache asks of a group's storage, dense or quantized.
 
-:class:`Storage` is the one interface :mod:`kvlab.cache` uses; :func:`make_segment` picks the
-implementation for a :class:`~kvlab.storage.plan.Group` (dense for 16 bits, KIVI-quantized below).
+:class:`Storage` is the one interface :mod:`kvlab.cache` uses; :func:`kvlab.storage.make_segment` picks
+the implementation for a :class:`~kvlab.storage.plan.Group` (dense for 16 bits, KIVI-quantized below).
 Batch rows may carry padding: ``push`` takes the validity of the new tokens, a row keeps exactly the
 tokens it would keep alone (padding never counts against a budget) and attention never reads padding.
 """
@@ -14,7 +14,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from kvlab.storage.plan import Group
-from kvlab.storage.rope import Rotary
 
 
 @runtime_checkable
@@ -72,17 +71,6 @@ class Storage(Protocol):
     def clear(self) -> None:
         """Forget every token."""
         ...
-
-
-def make_segment(group: Group, rotary: Rotary | None) -> Storage:
-    """The storage for a group: dense for 16 bits, KIVI-quantized (:mod:`kvlab.storage.quantized`) below."""
-    if group.bits >= 16:
-        from kvlab.storage.dense import Segment
-
-        return Segment(group, rotary)
-    from kvlab.storage.quantized import QuantSegment
-
-    return QuantSegment(group, rotary)
 
 
 def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:

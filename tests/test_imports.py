@@ -1,0 +1,94 @@
+"""The package's shape: imports point one way (methods -> storage -> tensors), no cycle, no private names
+borrowed from another module, and transformers' internals are reached from one module only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kvlab"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, list[tuple[str, list[str]]]]:
+    """module -> [(imported module, names)] for every import of a kvlab module (at any level)."""
+    out: dict[str, list[tuple[str, list[str]]]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        found = []
+        for node in _executed(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.append((node.module, [a.name for a in node.names]))
+            elif isinstance(node, ast.Import):
+                found.extend((a.name, []) for a in node.names)
+        out[_module(path)] = found
+    return out
+
+
+def _executed(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only; never imported at run time)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _resolve(target: str, modules: set[str]) -> str | None:
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def test_no_import_cycle_among_kvlab_modules():
+    imports = _imports()
+    modules = set(imports)
+    graph = {m: set() for m in modules}
+    for m, found in imports.items():
+        for target, names in found:
+            if not target.startswith("kvlab"):
+                continue
+            for name in names or [""]:  # `from kvlab.x import y` may name a submodule y
+                full = _resolve(f"{target}.{name}" if name else target, modules)
+                if full and full != m and not full == m.rpartition(".")[0]:  # a package may import its children
+                    graph[m].add(full)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_storage_never_imports_methods_or_transformers():
+    for m, found in _imports().items():
+        if m.startswith("kvlab.storage") or m == "kvlab.quant":
+            bad = [t for t, _ in found if t.startswith(("kvlab.methods", "kvlab.cache", "transformers"))]
+            assert not bad, f"{m} imports {bad}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    for m, found in _imports().items():
+        for target, names in found:
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            assert not (target.startswith("kvlab") and private), f"{m} imports {private} from {target}"
+
+
+def test_only_cache_touches_transformers_cache_and_attention_internals():
+    internals = ("transformers.cache_utils", "transformers.masking_utils", "transformers.integrations")
+    users = {m for m, found in _imports().items() for t, _ in found if t.startswith(internals)}
+    assert users <= {"kvlab.cache"}, users
