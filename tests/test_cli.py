@@ -81,3 +81,46 @@ def test_generate_streams_from_stdin(smollm2):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "KV cache" in proc.stderr
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tiny_llama, tmp_path):
+    """``main`` loading the tiny Llama and a byte tokenizer, and a text file to score."""
+    import kvlab.cli.demo as cli_demo
+    import kvlab.cli.ppl as cli_ppl
+    from test_eval_helpers import FILLER, ByteTokenizer
+
+    for module in (cli_ppl, cli_demo):
+        monkeypatch.setattr(module, "load_model", lambda args: (tiny_llama, ByteTokenizer()))
+    data = tmp_path / "text.txt"
+    data.write_text(FILLER)
+    return data
+
+
+def test_ppl_several_methods_one_table_rows_and_figure(tiny_cli, tmp_path, capsys):
+    out, out_file = tmp_path / "ppl", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "ppl", "--method", "streaming:sinks=4,window=28;h2o:budget=32,recent=8",
+                             "--method", "full", "--data", str(tiny_cli), "--tokens", "96", "--compare", "full",
+                             "--out", str(out), "--output", str(out_file), "--no-progress")
+    assert code == 0, err
+    table = [line.split()[0] for line in stdout.splitlines()[1:5]]
+    assert table == ["full", "streaming:sinks=4,window=28", "h2o:budget=32,recent=8", "full"]
+    rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
+    assert sorted(r["config"]["method"] for r in rows) == ["full", "h2o:budget=32,recent=8",
+                                                          "streaming:sinks=4,window=28"]  # one row per cell
+    assert all(r["eval"] == "ppl" and r["config"]["params"]["tokens"] == 96 for r in rows)
+    assert (out / "ppl.png").stat().st_size > 10_000
+    result = json.loads(out_file.read_text())
+    assert [m["method"] for m in result["methods"]] == ["streaming:sinks=4,window=28", "h2o:budget=32,recent=8",
+                                                        "full"]
+    assert all(set(m["metrics"]) == {"speedup", "compression_ratio", "ppl_increase_percent"}
+               for m in result["methods"]) and result["git_hash"]
+
+
+def test_demo_takes_methods(tiny_cli, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = _run(capsys, "demo", "--method", "full;streaming:sinks=4,window=28", "--data", str(tiny_cli),
+                             "--tokens", "64", "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert len(list((out / "rows").glob("*.json"))) == 2 and (out / "demo.png").is_file()
+    assert "streaming:sinks=4,window=28" in stdout and "budget" not in stdout

@@ -1,8 +1,11 @@
-"""Arguments and steps shared by the commands."""
+"""Arguments and steps shared by the commands: one convention for every command (see the README's
+"CLI conventions"): results into ``--out DIR`` (rows and a figure), methods through a repeatable ``--method``
+(or one ``;``-separated list), progress bars on a terminal only and never with ``--no-progress``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from kvlab.errors import KvlabError
@@ -12,6 +15,36 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None = "smollm2-13
     p.add_argument("--model", default=default, help="alias (see `kvlab models list`), hub id, local folder or .gguf file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (float32 on CPU)")
+
+
+def add_method_arg(p: argparse.ArgumentParser, default: str | None, *, extra: str = "") -> None:
+    """``--method SPEC`` (alias ``--methods``), repeatable or one ``;``-separated list; read with :func:`methods_of`."""
+    p.add_argument("--method", "--methods", dest="method", action="append", metavar="SPEC",
+                   help=f"method spec(s): repeat the flag, or separate with ';'{extra} (default {default!r})")
+    p.set_defaults(default_method=default)
+
+
+def methods_of(args: argparse.Namespace) -> list[str]:
+    """The method specs given (or the command's default), each built once so that a typo fails early."""
+    given = args.method or ([args.default_method] if args.default_method else [])
+    return check_methods(split_specs(given))
+
+
+def add_out_arg(p: argparse.ArgumentParser, default: str) -> None:
+    """``--out DIR``: the folder of the command's rows (``DIR/rows/<id>.json``) and figure."""
+    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder: rows and figure (default {default})")
+
+
+def add_progress_arg(p: argparse.ArgumentParser, *, quiet_alias: bool = False) -> None:
+    """``--no-progress`` (and ``--quiet``, its older name, where a command had it); read with :func:`progress_on`."""
+    names = ["--no-progress", *(["--quiet"] if quiet_alias else [])]
+    p.add_argument(*names, dest="no_progress", action="store_true",
+                   help="no progress bars or progress lines (they are shown on a terminal only)")
+
+
+def progress_on(args: argparse.Namespace) -> bool:
+    """Progress bars: on a terminal, unless ``--no-progress``."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -51,4 +84,20 @@ def split_methods(values: list[str]) -> list[str]:
     out = [s.strip() for v in values for s in v.split(";") if s.strip()]
     if not out:
         raise KvlabError("no method given")
+    return out
+
+
+def split_specs(values: list[str]) -> list[str]:
+    """Method specs from repeated flags, ``;`` or commas: ``full,streaming:sinks=4,window=1020`` is two specs,
+    because a comma-separated item that is a ``key=value`` (no ``:`` before its ``=``) continues the spec before it."""
+    out: list[str] = []
+    for spec in split_methods(values):
+        for item in (i.strip() for i in spec.split(",")):
+            if not item:
+                continue
+            starts_spec = "=" not in item or (":" in item and item.index(":") < item.index("="))
+            if starts_spec or not out:
+                out.append(item)
+            else:
+                out[-1] += "," + item
     return out

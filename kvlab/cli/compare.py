@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kvlab.cli.common import add_model_args, load_model, split_list
+from kvlab.cli.common import add_model_args, add_progress_arg, load_model, split_list
 from kvlab.errors import KvlabError
 
 PRESSES = "StreamingLLMPress,SnapKVPress,ObservedAttentionPress,ExpectedAttentionPress,AdaKVPress(SnapKVPress)"
@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--ratios", default="0.25,0.5,0.75",
                    help="kvpress compression ratios: the fraction of the context evicted")
     k.add_argument("--presses", default=PRESSES, help=f"kvpress presses, comma-separated (default {PRESSES})")
-    k.add_argument("--methods", default="streaming,h2o",
-                   help="kvlab methods: streaming, h2o, head-aware, haq (head-aware and haq need --profile)")
+    k.add_argument("--method", "--methods", dest="methods", action="append", metavar="NAME",
+                   help="kvlab methods: streaming, h2o, head-aware, haq (head-aware and haq need --profile); repeat "
+                        "the flag or separate with ';' or ',' (default 'streaming,h2o')")
     k.add_argument("--profile", help="head profile (kvlab heads profile) for head-aware and haq")
     k.add_argument("--full", action="store_true", help="also run both full caches (kvpress 'none', kvlab 'full')")
     k.add_argument("--samples", type=int, default=3, help="samples (default 3)")
@@ -49,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--timeout", type=float, default=1800.0, help="seconds the kvpress worker may run (default 1800)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--venv", help="the kvpress venv (default $KVLAB_KVPRESS_VENV or .kvpress-venv)")
-    k.add_argument("--out", default="runs/compare_kvpress", help="output folder (default runs/compare_kvpress)")
+    k.add_argument("--out", default="runs/compare_kvpress", metavar="DIR",
+                   help="output folder: rows, table and figure (default runs/compare_kvpress)")
+    add_progress_arg(k)
     k.set_defaults(func=run_kvpress)
 
 
@@ -57,10 +60,16 @@ def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run, every setting spelled out."""
     parts = ["kvlab", "compare", "kvpress"]
     for name in OPTIONS:
-        value = getattr(args, name)
+        value = ",".join(method_names(args)) if name == "methods" else getattr(args, name)
         if value is not None and ONLY_FOR.get(name, args.task) == args.task:
             parts += [f"--{name.replace('_', '-')}", str(value)]
     return shlex.join(parts + (["--full"] if args.full else []))
+
+
+def method_names(args: argparse.Namespace) -> list[str]:
+    """The kvlab methods asked for, from repeated flags, ';' or ',' (default streaming and h2o)."""
+    parts = [part for value in (args.methods or ["streaming,h2o"]) for part in value.split(";") if part.strip()]
+    return [name for part in parts for name in split_list(part, str, "--method")]
 
 
 def run_kvpress(args: argparse.Namespace) -> int:
@@ -71,7 +80,7 @@ def run_kvpress(args: argparse.Namespace) -> int:
 
     cmp = sbs.Comparison(task=args.task, ratios=tuple(split_list(args.ratios, float, "--ratios")),
                          presses=tuple(split_list(args.presses, str, "--presses")),
-                         methods=tuple(split_list(args.methods, str, "--methods")), profile=args.profile,
+                         methods=tuple(method_names(args)), profile=args.profile,
                          full=args.full, samples=args.samples, context_tokens=args.context_tokens,
                          continuation_tokens=args.continuation_tokens, data=args.data, chunk_size=args.chunk_size,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, timeout_s=args.timeout)
@@ -90,7 +99,7 @@ def run_kvpress(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     rows = sbs.run_comparison(model, tok, cmp, model_name=args.model, device=args.device, dtype=args.dtype,
-                              venv=args.venv, echo=echo)
+                              venv=args.venv, echo=echo, progress=not args.no_progress)
     from kvlab.results import write_json_atomic
 
     out = Path(args.out)

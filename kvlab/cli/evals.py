@@ -14,8 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvlab.cli.common import add_model_args, check_methods, load_model, split_list, split_methods
+from kvlab.cli.common import (add_method_arg, add_model_args, add_out_arg, add_progress_arg, check_methods, load_model,
+                              methods_of, progress_on, split_list, split_specs)
 from kvlab.errors import KvlabError
+
+__all__ = ["register", "split_specs"]  # split_specs lives in kvlab.cli.common; kept importable from here
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,31 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser, model: str, method: str) -> None:
     add_model_args(p, default=model)
-    p.add_argument("--method", "--methods", dest="method", action="append",
-                   help=f"method spec(s): repeat the flag, or separate with ';' or ',' (default {method!r})")
-    p.add_argument("--out", help="output folder (default runs/<command>)")
+    add_method_arg(p, method, extra=" or ','")
+    add_out_arg(p, "runs/<command>")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(default_method=method)
-
-
-def _methods(args: argparse.Namespace) -> list[str]:
-    return check_methods(split_specs(args.method or [args.default_method]))
-
-
-def split_specs(values: list[str]) -> list[str]:
-    """Method specs from repeated flags, ``;`` or commas: ``full,streaming:sinks=4,window=1020`` is two specs,
-    because a comma-separated item that is a ``key=value`` (no ``:`` before its ``=``) continues the spec before it."""
-    out: list[str] = []
-    for spec in split_methods(values):
-        for item in (i.strip() for i in spec.split(",")):
-            if not item:
-                continue
-            starts_spec = "=" not in item or (":" in item and item.index(":") < item.index("="))
-            if starts_spec or not out:
-                out.append(item)
-            else:
-                out[-1] += "," + item
-    return out
+    add_progress_arg(p)
 
 
 def run_needle(args: argparse.Namespace) -> int:
@@ -111,7 +93,7 @@ def run_needle(args: argparse.Namespace) -> int:
     cells = [(m, needle.Params(length=n, depth=d, samples=args.samples, variant=args.variant, keys=args.keys,
                                question_aware=qa, data=f, chunk_size=args.chunk_size,
                                max_new_tokens=args.max_new_tokens, seed=args.seed))
-             for m in _methods(args) for f in fillers for qa in settings for n in lengths for d in depths]
+             for m in methods_of(args) for f in fillers for qa in settings for n in lengths for d in depths]
 
     def check(tok: Any) -> None:  # each text is long enough for every length, before any cell runs
         for f in fillers:
@@ -126,7 +108,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
     lengths = split_list(args.lengths, int, "--lengths")
     cells = [(m, memory.Params(tokens=n, data=args.data, chunk_size=args.chunk_size, seed=args.seed))
-             for m in _methods(args) for n in lengths]
+             for m in methods_of(args) for n in lengths]
     return _run(args, "memory", cells, lambda tok: memory.load_ids(tok, args.data, max(lengths)), _memory_table)
 
 
@@ -150,10 +132,10 @@ def run_latency(args: argparse.Namespace) -> int:
     params = latency.Params(tokens=args.tokens, prefill=args.prefill, warmup=args.warmup, runs=args.runs,
                             probe_every=every, probe_steps=args.probe_steps, chunk_size=args.chunk_size,
                             data=args.data, seed=args.seed)
-    specs = list(dict.fromkeys(_methods(args) + check_methods(latency_specs(args.cache_sizes, args.sinks))))
+    specs = list(dict.fromkeys(methods_of(args) + check_methods(latency_specs(args.cache_sizes, args.sinks))))
 
     def interleaved(model: Any, tok: Any, cells: list[tuple[str, Any]]):
-        results = latency.evaluate_many(model, tok, specs, params, progress=sys.stderr.isatty())
+        results = latency.evaluate_many(model, tok, specs, params, progress=progress_on(args))
         for method, _ in cells:
             yield results[method], results[method].get("runtime_s")
 
@@ -171,7 +153,7 @@ def run_translate(args: argparse.Namespace) -> int:
     base = dict(src_lang=args.src, tgt_lang=args.tgt, data=args.data, max_samples=args.max_samples,
                 max_word_tokens=args.max_word_tokens, seed=args.seed)
     cells = []
-    for m in _methods(args):
+    for m in methods_of(args):
         if not args.no_offline:
             cells.append((m, translate.Params(mode="offline", **base)))
         for pos in positions:
@@ -201,7 +183,7 @@ def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], chec
     def one_by_one(model: Any, tok: Any, cells: list[tuple[str, Any]]):
         for method, params in cells:
             start = time.perf_counter()
-            metrics = module.evaluate(model, tok, method, params, progress=sys.stderr.isatty())
+            metrics = module.evaluate(model, tok, method, params, progress=progress_on(args))
             yield metrics, time.perf_counter() - start
 
     rows = []

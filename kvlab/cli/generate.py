@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvlab.cli.common import add_model_args, check_methods, load_model
+from kvlab.cli.common import add_method_arg, add_model_args, load_model, methods_of
 from kvlab.errors import KvlabError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with a compressed KV cache (streams tokens)")
     add_model_args(p)
-    p.add_argument("--method", default="streaming:sinks=4,window=1020", help="method spec")
+    add_method_arg(p, "streaming:sinks=4,window=1020", extra="; several generate one after another")
     p.add_argument("--prompt", required=True, help="the prompt text, or - to read it from standard input")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise KvlabError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise KvlabError(f"--temperature must be >= 0, got {args.temperature}")
-    check_methods([args.method])
+    specs = methods_of(args)
     model, tok = load_model(args)
     if not args.raw and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -42,13 +42,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
     ids = ids.to(model.device)
-    cache = make_cache(model, args.method)
-    torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=args.max_new_tokens,
-                         streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id, **sampling)
-    new = out.shape[1] - ids.shape[1]
-    print(f"[{new} tokens; KV cache {cache.nbytes() / 2**20:.2f} MiB now, peak {cache.peak_nbytes / 2**20:.2f} MiB, "
-          f"full cache would hold {cache.full_nbytes() / 2**20:.2f} MiB]", file=sys.stderr)
+    for spec in specs:
+        if len(specs) > 1:
+            print(f"\n== {spec}", file=sys.stderr, flush=True)
+        cache = make_cache(model, spec)
+        torch.manual_seed(args.seed)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=args.max_new_tokens, streamer=streamer,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id, **sampling)
+        new = out.shape[1] - ids.shape[1]
+        print(f"[{new} tokens; KV cache {cache.nbytes() / 2**20:.2f} MiB now, peak {cache.peak_nbytes / 2**20:.2f} MiB, "
+              f"full cache would hold {cache.full_nbytes() / 2**20:.2f} MiB]", file=sys.stderr)
     return 0

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvlab.cli.common import add_progress_arg
 from kvlab.errors import KvlabError
 
 _PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -37,13 +38,20 @@ def _summary(profile) -> str:  # profile: HeadProfile
 
 def _profile(args: argparse.Namespace) -> int:
     settings = _settings(args)                    # bad flags fail before the model is loaded
+    if args.output is None and args.out is None:
+        raise KvlabError("give --out DIR (writes DIR/profile.json and DIR/profile.png) or --output FILE")
+    if args.out is not None:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise KvlabError(f"--out {args.out} is a file; give a folder")
+        args.output = args.output or str(Path(args.out) / "profile.json")
+        args.plot = args.plot or str(Path(args.out) / "profile.png")
     _check_output(args.output, "--output")
     if args.plot:
         _check_output(args.plot, "--plot", _PLOT_SUFFIXES)
     from kvlab.heads import plot_profile, profile_heads
     from kvlab.models import load
 
-    say = (lambda _m: None) if args.quiet else (lambda m: print(f"kvlab heads: {m}", file=sys.stderr, flush=True))
+    say = (lambda _m: None) if args.no_progress else (lambda m: print(f"kvlab heads: {m}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     model, tokenizer = load(args.model, device=args.device, dtype="float32", attn_implementation="eager")
     say(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
@@ -73,32 +81,44 @@ def _budgets(method: str, profile_path: str, profile):  # -> (classes, budgets) 
 
 
 def _show(args: argparse.Namespace) -> int:
+    from kvlab.cli.common import split_methods
     from kvlab.heads import HeadProfile
 
     profile = HeadProfile.load(args.profile)
-    classes, budgets = _budgets(args.method, args.profile, profile) if args.method else (profile.classes, None)
+    methods = split_methods(args.method) if args.method else [None]
+    layouts = [(m, *(_budgets(m, args.profile, profile) if m else (profile.classes, None))) for m in methods]
     print(f"{profile.model} (weights {profile.fingerprint}, {profile.dtype}): {_summary(profile)}")
+    for method, classes, budgets in layouts:
+        _print_layout(profile.num_kv_heads, method, classes, budgets)
+    return 0
+
+
+def _print_layout(num_kv_heads: int, method: str | None, classes: list[list[str]],
+                  budgets: list[list[int]] | None) -> None:
+    """Every head's class per layer (and the tokens ``method`` keeps in it)."""
     letters = {"retrieval": "R", "induction": "I", "local": "." if budgets is None else "L"}
     width = 2 if budgets is None else 2 + len(str(max(map(max, budgets))))
     legend = (f"R retrieval, I induction, {letters['local']} local"
-              + ("" if budgets is None else f"; tokens kept under {args.method}"))
-    print("layer  " + " ".join(f"{'h' + str(h):>{width}}" for h in range(profile.num_kv_heads)) + f"   ({legend})")
+              + ("" if budgets is None else f"; tokens kept under {method}"))
+    print("layer  " + " ".join(f"{'h' + str(h):>{width}}" for h in range(num_kv_heads)) + f"   ({legend})")
     for layer, row in enumerate(classes):
         cells = [letters[c] + ("" if budgets is None else str(budgets[layer][h])) for h, c in enumerate(row)]
         print(f"{layer:>5}  " + " ".join(f"{cell:>{width}}" for cell in cells))
     if budgets is not None:
         flat = [b for row in budgets for b in row]
         print(f"mean {sum(flat) / len(flat):.1f} tokens per KV head, {sum(flat)} in all")
-    return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
     from kvlab.heads import HeadProfile, plot_profile
 
-    _check_output(args.output, "--output", _PLOT_SUFFIXES)
+    if args.output is None and args.out is None:
+        raise KvlabError("give --out DIR (writes DIR/<profile name>.png) or --output FILE")
+    output = args.output or str(Path(args.out) / f"{Path(args.profile).stem}.png")
+    _check_output(output, "--output", _PLOT_SUFFIXES)
     profile = HeadProfile.load(args.profile)
-    plot_profile(profile, args.output, dpi=args.dpi)
-    print(f"{args.output}: heatmaps of the three scores and the class map")
+    plot_profile(profile, output, dpi=args.dpi)
+    print(f"{output}: heatmaps of the three scores and the class map")
     return 0
 
 
@@ -115,11 +135,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("profile", help="profile a model and write the profile JSON")
     p.add_argument("--model", required=True, help="model alias, folder, .gguf file or hub id")
-    p.add_argument("--output", required=True, help="profile JSON to write")
+    p.add_argument("--out", metavar="DIR", help="folder for profile.json and its heatmaps profile.png")
+    p.add_argument("--output", metavar="FILE", help="profile JSON to write (instead of, or besides, --out)")
     p.add_argument("--plot", default=None, help="also write heatmaps to this .png/.pdf/.svg")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every probe (default: {d.seed})")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_progress_arg(p, quiet_alias=True)
     g = p.add_argument_group("probes")
     g.add_argument("--retrieval-samples", type=int, help=f"needle prompts (default: {d.retrieval_samples})")
     g.add_argument("--context-len", type=int, help=f"haystack tokens per needle prompt (default: {d.context_len})")
@@ -141,12 +162,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("show", help="print a profile's classes per layer (and the budgets a method gives them)")
     p.add_argument("profile", help="profile JSON")
-    p.add_argument("--method", default=None,
-                   help="a head-aware or haq spec, e.g. 'head-aware:budget=512': print every head's tokens under it")
+    p.add_argument("--method", "--methods", dest="method", action="append", metavar="SPEC",
+                   help="a head-aware or haq spec, e.g. 'head-aware:budget=512': print every head's tokens under it "
+                        "(repeat the flag, or separate with ';', for several)")
     p.set_defaults(func=_show)
 
     p = actions.add_parser("plot", help="draw a profile's heatmaps")
     p.add_argument("profile", help="profile JSON")
-    p.add_argument("--output", required=True, help="image to write (.png, .pdf or .svg)")
+    p.add_argument("--out", metavar="DIR", help="folder for the figure (named after the profile, .png)")
+    p.add_argument("--output", metavar="FILE", help="image to write (.png, .pdf or .svg)")
     p.add_argument("--dpi", type=int, default=150, help="resolution (default: 150)")
     p.set_defaults(func=_plot)

@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from kvlab.cli.common import add_progress_arg, progress_on
 from kvlab.errors import KvlabError
 
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "default: 1)")
     p.add_argument("--workers", type=int, help="Ray workers (default: as many as the resources allow)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and which are done, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.set_defaults(func=cmd_run)
 
     r = sub.add_parser("report", help="tables (csv, json, latex, md), success criteria and an HTML page of a run",
@@ -64,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: workers and Ray shut down
     try:
-        summary = run(cfg, out, executor=executor, loader=worker.default_loader, progress=not args.no_progress)
+        summary = run(cfg, out, executor=executor, loader=worker.default_loader, progress=progress_on(args))
     except KeyboardInterrupt:
         done = len(Store(out).done_ids() & {c.id for c in cfg.cells()})
         print(f"kvlab: interrupted with {done} cell(s) done in {out}; run the same command again to resume",

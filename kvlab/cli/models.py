@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from kvlab.cli.common import add_progress_arg
 from kvlab.models import (DEFAULT_MODEL, cache_root, cached_models, get_alias, is_pulled, list_aliases, model_dir,
                           pull, verify_problems)
 from kvlab.models.store import folder_size
@@ -38,7 +39,7 @@ def _pull(args: argparse.Namespace) -> int:
     for name in names:
         start = time.perf_counter()
         was_there = is_pulled(name, args.cache_dir)
-        path = pull(name, args.cache_dir, progress=not args.quiet, keep_gguf=args.keep_gguf)
+        path = pull(name, args.cache_dir, progress=not args.no_progress, keep_gguf=args.keep_gguf)
         state = "already pulled" if was_there else f"pulled in {time.perf_counter() - start:.0f} s"
         print(f"{name}: {state}, {_mb(folder_size(path))} at {path}")
     return 0
@@ -72,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(actions.add_parser("list", help="aliases, family, whether cached, size")).set_defaults(func=_list)
     p = common(actions.add_parser("pull", help="fetch and convert models (once)"))
     p.add_argument("names", nargs="+", metavar="NAME", help="model alias (see 'kvlab models list')")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_progress_arg(p, quiet_alias=True)
     p.add_argument("--keep-gguf", action="store_true", help="keep the joined GGUF next to the converted folder")
     p.set_defaults(func=_pull)
     p = common(actions.add_parser("verify", help="re-check the sha256 of every cached file"))

@@ -143,8 +143,9 @@ def available_methods(methods: Sequence[str], echo: Callable[[str], None] = prin
 
 def run_comparison(model: Any, tokenizer: Any, cmp: Comparison, *, model_name: str, device: str = "auto",
                    dtype: str = "auto", venv: str | None = None,
-                   echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                   echo: Callable[[str], None] = print, progress: bool = True) -> list[dict[str, Any]]:
     """kvpress (one worker run: every press x ratio) then kvlab on the same samples; the rows of both.
+    ``echo`` says what runs (with a line per sample when ``progress``) and what failed.
 
     A missing kvpress environment, a model not loaded from a local folder, a profile of another model or a
     press kvpress lacks is a KvlabError (one line) before anything is measured or written."""
@@ -158,8 +159,8 @@ def run_comparison(model: Any, tokenizer: Any, cmp: Comparison, *, model_name: s
     samples = cmp.make_samples(tokenizer)
     presses = [*(["none"] if cmp.full else []), *cmp.presses]
 
-    def progress(record: dict) -> None:
-        if record.get("type") == "result":
+    def report(record: dict) -> None:
+        if record.get("type") == "result" and progress:
             echo(f"  {record.get('implementation', 'kvpress')} {record['press']} ratio {record['ratio']:g} "
                  f"sample {record['sample']}: prefill {record['prefill_s']:.2f}s")
         elif record.get("type") == "error":
@@ -170,10 +171,10 @@ def run_comparison(model: Any, tokenizer: Any, cmp: Comparison, *, model_name: s
     press_results = kp.run_kvpress(folder, cmp.worker_task, samples, presses, cmp.ratios, device=str(model.device),
                                    dtype=str(model.dtype).replace("torch.", ""), seed=cmp.seed,
                                    max_new_tokens=cmp.max_new_tokens, threads=torch.get_num_threads(),
-                                   timeout_s=cmp.timeout_s, venv=str(python.parent.parent), on_record=progress)
+                                   timeout_s=cmp.timeout_s, venv=str(python.parent.parent), on_record=report)
     echo(f"kvlab: {len(methods)} methods x {len(cmp.ratios)} ratios x {len(samples)} samples")
     lab_results = run_kvlab(model, tokenizer, cmp.worker_task, samples, methods, cmp.ratios, profile=cmp.profile,
-                            chunk_size=cmp.chunk_size, max_new_tokens=cmp.max_new_tokens, on_record=progress)
+                            chunk_size=cmp.chunk_size, max_new_tokens=cmp.max_new_tokens, on_record=report)
     base = {"model": model_name, "device": device, "dtype": dtype}
     notes = {"kvlab": KVLAB_NOTE[cmp.task].format(chunk=cmp.chunk_size)}
     return to_rows([*press_results, *lab_results], base, cmp.params(), device=str(model.device), notes=notes)
