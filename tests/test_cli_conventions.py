@@ -32,7 +32,8 @@ def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not subs:
         return {" ".join(path): parser}
-    return {name: leaf for word, child in subs[0].choices.items() for name, leaf in leaves(child, (*path, word)).items()}
+    return {name: leaf for word, child in subs[0].choices.items()
+            for name, leaf in leaves(child, (*path, word)).items()}
 
 
 COMMANDS = leaves(build_parser())

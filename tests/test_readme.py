@@ -41,7 +41,8 @@ def test_real_model_block_prints_an_answer(code, capsys):
     from kvlab.models import cache_root, is_pulled
 
     if not is_pulled("smollm2-135m"):
-        pytest.skip(f"real model 'smollm2-135m' is not in the cache {cache_root()}; run: kvlab models pull smollm2-135m")
+        pytest.skip(f"real model 'smollm2-135m' is not in the cache {cache_root()}; "
+                    "run: kvlab models pull smollm2-135m")
     fast, n = re.subn(r"max_new_tokens=\d+", f"max_new_tokens={NEW_TOKENS}", code)
     assert n, "the block generates without max_new_tokens"
     namespace = run_block(fast)

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     base = rows[0]["metrics"]
     budget = "" if args.method else f", budget {args.budget} tokens/head/layer"
     print(f"\n{model_id(model)} on {args.data}, {args.tokens} tokens{budget}")
-    print(f"{'method':<34} {'ppl':>8} {'vs ' + methods[0].split(':')[0]:>8} {'KV peak MiB':>12} {'saved':>7} {'tok/s':>7}")
+    versus = "vs " + methods[0].split(":")[0]
+    print(f"{'method':<34} {'ppl':>8} {versus:>8} {'KV peak MiB':>12} {'saved':>7} {'tok/s':>7}")
     for row in rows:
         m = row["metrics"]
         print(f"{row['config']['method']:<34} {m['ppl']:>8.3f} {100 * (m['ppl'] / base['ppl'] - 1):>+7.2f}% "

@@ -210,7 +210,8 @@ def _figure(name: str, rows: list[dict], out: Path) -> Path | None:
     from kvlab.lab.plotting import NoData, save
 
     if name in ("latency", "translate"):
-        return {"latency": figures.latency_figure, "translate": figures.translate_figure}[name](rows, out / f"{name}.png")
+        own = {"latency": figures.latency_figure, "translate": figures.translate_figure}[name]
+        return own(rows, out / f"{name}.png")
     draw = {"needle": eval_figures.needle_heatmap, "memory": lambda df: eval_figures.memory_figure(df, min_lengths=1)}
     try:
         fig = draw[name](rows_frame(rows))

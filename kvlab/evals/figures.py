@@ -6,7 +6,8 @@
 * :func:`latency_figure` — decode milliseconds per token vs position, one line per method;
 * :func:`translate_figure` — BLEU vs AL, one line over k per position scheme (offline dashed).
 
-Not-applicable cells (metrics None) are left out, never invented. Figures are matplotlib ``Figure`` objects: no pyplot state, no backend switch.
+Not-applicable cells (metrics None) are left out, never invented. Figures are matplotlib ``Figure`` objects:
+no pyplot state, no backend switch.
 """
 
 from __future__ import annotations

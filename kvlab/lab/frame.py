@@ -13,8 +13,9 @@ settings as ``param.<name>``, the method's settings as ``method.<name>``, every 
   timing in :data:`TIME_METRIC`, e.g. the median decode step of ``latency``).
 
 The *group* of a cell is everything but the method: same model, evaluation, device, dtype and
-settings (data, tokens, seed…). Its reference is the group's full-cache row (:func:`is_reference`); without one, memory
-reduction falls back to the cell's own ``kv_bytes_full`` metric and the other comparisons stay empty.
+settings (data, tokens, seed…). Its reference is the group's full-cache row (:func:`is_reference`);
+without one, memory reduction falls back to the cell's own ``kv_bytes_full`` metric and the other
+comparisons stay empty.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def main_comparison(df: pd.DataFrame) -> Figure:
     part = part.assign(group=[group_label(r, groups) for _, r in part.iterrows()])
     specs = _main_specs(part)
     part = part[part["method"].isin(specs)]
-    labels, colors = list(dict.fromkeys(part.sort_values(groups)["group"])), spec_colors(specs, method_palette(df["method_name"]))
+    labels = list(dict.fromkeys(part.sort_values(groups)["group"]))
+    colors = spec_colors(specs, method_palette(df["method_name"]))
     panels = [("quality", "perplexity (lower is better)"), ("runtime_s", "runtime (s)"),
               ("speedup", "speed-up vs full cache (x)"), ("mem_reduction_pct", "KV-memory reduction (%)")]
     fig = Figure(figsize=(max(8.0, 2.0 + 1.1 * len(labels)), 7.5), layout="constrained")
