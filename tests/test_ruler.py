@@ -184,3 +184,16 @@ def test_qwen_prompts_fit_4096_tokens_and_it_finds_a_needle(qwen):
             assert all(a in s.context for a in s.answers)
     params = ruler.Params(task="niah_single_1", length=700, samples=1)
     assert ruler.evaluate(model, tok, "full", params)["score"] == 1.0
+
+
+def test_table_means_are_over_the_tasks_every_method_has():
+    def row(method, task, score):
+        return {"eval": "ruler", "status": "ok", "metrics": {"score": score},
+                "config": {"method": method, "params": {"task": task, "length": 4096, "data": "pydoc",
+                                                        "question_aware": False}}}
+
+    rows = [row("full", t, 1.0) for t in ("niah_single_1", "niah_single_2", "vt")] + \
+           [row("h2o", "niah_single_2", 0.5), row("h2o", "vt", 0.0)]
+    lines = ruler_report.table(rows).splitlines()
+    assert lines[0] == "| task | full | h2o |" and "| niah_single_1 | 1.00 | n/a |" in lines
+    assert "| **mean (2 tasks)** | 1.00 | 0.25 |" in lines and not any("niah mean" in x for x in lines)

@@ -1,8 +1,8 @@
 """The table and the figure of ``kvlab ruler``, from its rows only: the mean score per task x method.
 
 A column is a method spec, with its setting when the rows have several (``question-aware``, the length, the
-filler); a row is a task, then ``mean`` (every task) and ``niah mean``. Cells with no score (not applicable,
-failed) are ``n/a``, drawn grey.
+filler); a row is a task, then ``mean`` and ``niah mean`` (over the tasks every column has). Cells with no
+score (not applicable, failed) are ``n/a``, drawn grey.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _column(row: dict[str, Any], vary: set[str]) -> str:
 
 def scores(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple[str, str], float | None]]:
     """``(tasks, columns, {(task, column): mean score or None})``, tasks in RULER's order then ``mean`` and
-    ``niah mean`` (means over the tasks that have a score in that column)."""
+    ``niah mean``: means over the tasks that have a score in every column (their count in the label when
+    some lack one)."""
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("eval", "ruler") == "ruler"]
     vary = {k for k in ("question_aware", "length", "data") if len({str(r["config"]["params"].get(k)) for r in ok}) > 1}
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -43,13 +44,15 @@ def scores(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], dict[tuple
     present = {t for t, _ in cells}
     tasks = [t for t in TASKS if t in present] + sorted(present - set(TASKS))
     out: dict[tuple[str, str], float | None] = {k: (sum(v) / len(v) if v else None) for k, v in cells.items()}
-    for name, members in (("mean", tasks), ("niah mean", [t for t in tasks if t.startswith("niah")])):
-        if len(members) < 2 or (name == "niah mean" and len(members) == len(tasks)):
+    niah = [t for t in tasks if t.startswith("niah")]
+    for name, members in (("mean", list(tasks)), ("niah mean", niah if len(niah) < len(tasks) else [])):
+        common = [t for t in members if all(out.get((t, c)) is not None for c in columns)]
+        if len(common) < 2:
             continue
-        for col in columns:
-            vals = [out[(t, col)] for t in members if out.get((t, col)) is not None]
-            out[(name, col)] = sum(vals) / len(vals) if vals else None
-        tasks.append(name)
+        label = name if len(common) == len(members) else f"{name} ({len(common)} tasks)"
+        for col in columns:  # over the tasks every column has, so the columns compare
+            out[(label, col)] = sum(out[(t, col)] for t in common) / len(common)
+        tasks.append(label)
     return tasks, columns, out
 
 
@@ -60,7 +63,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for t in tasks:
         vals = [out.get((t, c)) for c in columns]
         cells = ["n/a" if v is None else f"{v:.2f}" for v in vals]
-        name = f"**{t}**" if t in ("mean", "niah mean") else t
+        name = f"**{t}**" if t.startswith(("mean", "niah mean")) else t
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
