@@ -14,10 +14,10 @@ STAMP      := $(VENV)/.kvlab-$(shell echo '$(TORCH_SPEC) $(EXTRAS)' | cksum | cu
 TEST_MODELS ?= smollm2-135m qwen2.5-0.5b gemma3-270m
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test models browser bench clean help
+.PHONY: setup demo test models browser bench gpu-wheels gpu-check clean help
 
 help:
-	@echo "make demo | make test | make bench | make kvpress-env | make clean"
+	@echo "make demo | make test | make bench | make gpu-wheels | make gpu-check | make kvpress-env | make clean"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,21 @@ test: $(STAMP) models browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_decode.py
+
+# The GPU check (bench/gpu_check.py) on a machine without network: `make gpu-wheels` here fetches the wheels
+# kvlab needs beyond torch (transformers 5.23 and its pure-Python dependencies) into .gpu-wheels/; carry that
+# folder to the GPU machine, where `make gpu-check` installs them offline over its own torch and runs the check.
+GPU_WHEELS ?= .gpu-wheels
+GPU_OUT    ?= $(if $(OUT),$(OUT),runs/gpu-check)
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version 3.11 -d $(GPU_WHEELS) \
+	  "transformers==5.23.0" "huggingface-hub>=1.0,<2" tokenizers safetensors pyyaml regex tqdm packaging \
+	  filelock fsspec typer-slim hf-xet numpy
+
+gpu-check:
+	$(PYTHON) -m pip install --quiet --no-index --find-links $(GPU_WHEELS) "transformers==5.23.0"
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) bench/gpu_check.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BLOCK_BYTES = 1 << 25  # 32 MiB of float32 logits per block of queries
+BLOCK_BYTES = 1 << 23  # 8 MiB of float32 logits per block of queries
 
 
 def block_rows(batch_heads: int, n: int, limit: int = BLOCK_BYTES) -> int:
@@ -83,11 +83,13 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
                                                                    scale=scaling, enable_gqa=g > 1)
             continue
         qg = query[:, :, start:stop].unflatten(1, (h, g))  # (B, h, g, b, D)
-        logits = (qg @ keys[:, :, None].transpose(-1, -2)).float() * scaling  # (B, h, g, b, n), the block
+        logits = (qg @ keys[:, :, None].transpose(-1, -2)).float()  # (B, h, g, b, n): the block, in place below
+        logits.mul_(scaling)
         if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        logits = logits.masked_fill(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
+            logits.div_(softcap).tanh_().mul_(softcap)
+        logits.masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
         probs = logits.softmax(dim=-1)
+        del logits
         out[:, :, start:stop] = (probs.to(values.dtype) @ values[:, :, None]).flatten(1, 2)
         if received is not None and stop > first_observed:
             seen = probs[..., max(0, first_observed - start):, :]
