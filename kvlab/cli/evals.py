@@ -8,6 +8,7 @@ writes the rows to ``--out DIR/rows/<id>.json`` (default ``runs/<command>``) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -62,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("translate", help="simultaneous translation: wait-k, batch/group positions, BLEU/chrF/AL/LAAL")
     _common(p, "qwen2.5-0.5b", "full")
-    p.add_argument("--k", default="3,5,7", help="wait-k values")
-    p.add_argument("--positions", default="batch,group", help="batch and/or group (GPE)")
+    p.add_argument("--k", default=None, help="wait-k values (default 3,5,7; with --document 0: each sentence whole)")
+    p.add_argument("--positions", default=None, help="batch and/or group (GPE) (default batch,group; --document: batch)")
     p.add_argument("--phi", default="0", help="first target position(s) in group mode, e.g. 0,100")
     p.add_argument("--src", default="en", help="source language code (default en)")
     p.add_argument("--tgt", default="fr", help="target language code (default fr)")
@@ -71,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, default=50)
     p.add_argument("--max-word-tokens", type=int, default=12)
     p.add_argument("--no-offline", action="store_true", help="skip the offline (full-sentence) upper bound")
+    p.add_argument("--document", action="store_true",
+                   help="stream consecutive pairs as one long document through one cache (--stream-tokens long)")
+    p.add_argument("--stream-tokens", default=None,
+                   help="document lengths in tokens, source + reference (with --document; default 2000)")
     p.set_defaults(func=run_translate)
 
 
@@ -147,8 +152,12 @@ def run_translate(args: argparse.Namespace) -> int:
     from kvlab.evals import translate
     from kvlab.evals.pairs import load_pairs
 
-    ks = split_list(args.k, int, "--k")
-    positions = split_list(args.positions, str, "--positions")
+    if args.document:
+        return run_document(args)
+    if args.stream_tokens is not None:
+        raise KvlabError("--stream-tokens is the length of a document: add --document")
+    ks = split_list(args.k or "3,5,7", int, "--k")
+    positions = split_list(args.positions or "batch,group", str, "--positions")
     phis = split_list(args.phi, int, "--phi")
     base = dict(src_lang=args.src, tgt_lang=args.tgt, data=args.data, max_samples=args.max_samples,
                 max_word_tokens=args.max_word_tokens, seed=args.seed)
@@ -164,6 +173,28 @@ def run_translate(args: argparse.Namespace) -> int:
         raise KvlabError("nothing to run: --no-offline and no wait-k cell")
     load_pairs(args.data, args.src, args.tgt, args.max_samples)  # bad data fails before the model loads
     return _run(args, "translate", cells, None, _translate_table)
+
+
+def run_document(args: argparse.Namespace) -> int:
+    """``kvlab translate --document``: one cell per method x document length x positions x k x phi."""
+    from kvlab.evals import document
+    from kvlab.evals.pairs import load_pairs
+
+    lengths = split_list(args.stream_tokens or "2000", int, "--stream-tokens")
+    ks = split_list(args.k or "0", int, "--k")
+    positions = split_list(args.positions or "batch", str, "--positions")
+    phis = split_list(args.phi, int, "--phi")
+    base = dict(src_lang=args.src, tgt_lang=args.tgt, data=args.data, max_word_tokens=args.max_word_tokens,
+                seed=args.seed)
+    cells = [(m, document.Params(tokens=n, k=k, positions=pos, phi=phi, **base))
+             for m in methods_of(args) for pos in positions for k in ks
+             for phi in (phis if pos == "group" else [0]) for n in lengths]
+    load_pairs(args.data, args.src, args.tgt)  # bad data fails before the model loads
+
+    def check(tok: Any) -> None:  # the data holds the longest document, before any cell runs
+        document.build_document(tok, dataclasses.replace(cells[0][1], tokens=max(lengths)))
+
+    return _run(args, "translate_document", cells, check, _document_table)
 
 
 def _run(args: argparse.Namespace, name: str, cells: list[tuple[str, Any]], check: Callable[[Any], Any] | None,
@@ -207,12 +238,14 @@ def _figure(name: str, rows: list[dict], out: Path) -> Path | None:
     from kvlab.evals import figures
     from kvlab.lab import eval_figures
     from kvlab.lab.frame import rows_frame
+    from kvlab.lab.plots import translation_vs_length
     from kvlab.lab.plotting import NoData, save
 
     if name in ("latency", "translate"):
         own = {"latency": figures.latency_figure, "translate": figures.translate_figure}[name]
         return own(rows, out / f"{name}.png")
-    draw = {"needle": eval_figures.needle_heatmap, "memory": lambda df: eval_figures.memory_figure(df, min_lengths=1)}
+    draw = {"needle": eval_figures.needle_heatmap, "memory": lambda df: eval_figures.memory_figure(df, min_lengths=1),
+            "translate_document": lambda df: translation_vs_length(df, min_lengths=1)}
     try:
         fig = draw[name](rows_frame(rows))
     except NoData as exc:
@@ -286,3 +319,15 @@ def _translate_table(rows: list[dict]) -> None:
         print(f"{r['config']['method']:<28} {p['mode']:<8} {p['positions']:<10} {k:>3} {p['phi']:>4} {m['bleu']:>6.2f} "
               f"{m['chrf']:>6.2f} {_fmt(m['al']):>6} {_fmt(m['laal']):>6} {m['target_words']:>6.1f} "
               f"{m['kv_bytes_peak'] / 1024:>8.1f}")
+
+
+def _document_table(rows: list[dict]) -> None:
+    print(f"{'method':<36} {'pos':<5} {'k':>2} {'tokens':>6} {'sent':>4} {'BLEU':>6} {'Q4':>6} {'chrF':>6} "
+          f"{'AL':>6} {'LAAL':>6} {'KV peak MiB':>11} {'full MiB':>9} {'tok/s':>6}")
+    for r in rows:
+        p, m = r["config"]["params"], r["metrics"]
+        print(f"{r['config']['method']:<36} {p['positions']:<5} {p['k']:>2} {p['tokens']:>6} {m['sentences']:>4} "
+              f"{_fmt(m['bleu']):>6} {_fmt(m['bleu_last_quarter']):>6} {_fmt(m['chrf']):>6} {_fmt(m['al']):>6} "
+              f"{_fmt(m['laal']):>6} {_fmt(m['kv_bytes_peak'], '.1f', 2**20):>11} "
+              f"{_fmt(m['kv_bytes_full'], '.1f', 2**20):>9} {_fmt(m['tokens_per_s'], '.1f'):>6}"
+              + (f"  {m['note']}" if m.get("note") else ""))

@@ -30,6 +30,7 @@ EVALS: dict[str, str] = {
     "memory": "kvlab.evals.memory",
     "latency": "kvlab.evals.latency",
     "translate": "kvlab.evals.translate",
+    "translate_document": "kvlab.evals.document",
     "kvpress": "kvlab.compare.kvpress",
 }
 

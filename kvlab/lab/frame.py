@@ -31,7 +31,8 @@ from kvlab.errors import KvlabError
 from kvlab.spec import parse_spec
 
 #: the quality metric of each evaluation (others: the first of FALLBACK_QUALITY present in the row)
-QUALITY_METRIC = {"ppl": "ppl", "needle": "accuracy", "translate": "bleu", "kvpress": "ppl"}
+QUALITY_METRIC = {"ppl": "ppl", "needle": "accuracy", "translate": "bleu", "translate_document": "bleu",
+                  "kvpress": "ppl"}
 FALLBACK_QUALITY = ("ppl", "accuracy", "bleu", "chrf", "score", "exact_match")
 LOWER_IS_BETTER = {"ppl", "nll", "loss", "ter"}
 MEMORY_METRICS = ("kv_bytes_peak", "kv_bytes", "kv_bytes_total")

@@ -11,6 +11,8 @@ memory_vs_length       peak KV memory vs context length, one line per method (an
 quality_vs_budget      quality vs ``budget``, one line per method, the full cache dashed
 needle_heatmap         needle accuracy over context length x depth, one panel per method
                        (:mod:`kvlab.lab.eval_figures`, as ``kvlab needle``)
+translation_vs_length  long-document translation: BLEU (and the last quarter's, dashed) and peak KV MiB vs the
+                       document's length, one line per method (rows of ``translate_document``)
 head_class_map         the head classes of a profile named by a row's method spec (``profile=FILE``)
 implementation_        kvlab vs kvpress at the same kept tokens (rows of ``kvlab compare kvpress``):
 comparison             quality, prefill, decode speed, cache held, peak RSS (:mod:`kvlab.compare.figure`)
@@ -194,6 +196,44 @@ def quality_vs_budget(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def translation_vs_length(df: pd.DataFrame, *, min_lengths: int = 2) -> Figure:
+    """BLEU of the whole document (solid) and of its last quarter (dashed) vs the document's length, and the
+    peak KV MiB beside it (the full cache computed, dotted), one line per spec with everything else fixed."""
+    part = ok_rows(df, "translate_document")
+    if part.empty or "param.tokens" not in part:
+        raise NoData("no ok rows of the 'translate_document' evaluation (kvlab translate --document)")
+    part = part.drop(columns=[c for c in part.columns if c.startswith("method.")])
+    part, fixed = series(part, "param.tokens", ["model", "spec"], limit=12, min_points=min_lengths)
+    if part.empty:
+        raise NoData(f"no method translated documents of {min_lengths}+ lengths with everything else fixed")
+    colors = spec_colors(specs_of(part, "spec"), method_palette(df["method_name"].dropna()))
+    fig = Figure(figsize=(10, 4.0), layout="constrained")
+    bleu_ax, kv_ax = fig.subplots(1, 2)
+    for _, line in part.groupby("series", sort=True):
+        first, line = line.iloc[0], line.sort_values("param.tokens")
+        name, tint = series_name(first, fixed, str(first["spec"])), colors[first["spec"]]
+        ran = line[line["quality"].notna()]
+        xs = ran["param.tokens"].to_numpy(dtype=float)
+        bleu_ax.plot(xs, ran["quality"], "o-", color=tint, label=name)
+        if "metric.bleu_last_quarter" in ran:
+            bleu_ax.plot(xs, ran["metric.bleu_last_quarter"], "s--", color=tint, alpha=0.7)
+        kv_ax.plot(xs, ran["kv_bytes"] / 2**20, "o-", color=tint, label=name)
+        na = line[line["quality"].isna()]
+        if not na.empty:
+            kv_ax.plot(na["param.tokens"].to_numpy(dtype=float), na["kv_bytes_full"] / 2**20, "x", color=tint,
+                       markersize=9, label=f"{name}: not applicable (past max positions)")
+    full = part.groupby("param.tokens")["kv_bytes_full"].max().dropna().sort_index()
+    if not full.empty:
+        kv_ax.plot(full.index.to_numpy(dtype=float), full.to_numpy() / 2**20, ":", color=REFERENCE_COLOR,
+                   label="full cache (computed)")
+    bleu_ax.set(xlabel="document length (tokens)", ylabel="BLEU",
+                title="Document translation: BLEU (dashed: last quarter)")
+    kv_ax.set(xlabel="document length (tokens)", ylabel="peak KV cache (MiB)", title="KV cache bytes")
+    bleu_ax.legend(frameon=False, fontsize=8)
+    kv_ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
 def head_class_map(df: pd.DataFrame) -> Figure:
     from kvlab.errors import KvlabError
     from kvlab.heads.scores import CLASSES
@@ -225,7 +265,8 @@ def head_class_map(df: pd.DataFrame) -> Figure:
 FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
     "main_comparison": main_comparison, "ablation_window_size": ablation_window_size,
     "ablation_n_sink": ablation_n_sink, "results_summary": results_summary, "memory_vs_length": memory_figure,
-    "quality_vs_budget": quality_vs_budget, "needle_heatmap": needle_heatmap, "head_class_map": head_class_map,
+    "quality_vs_budget": quality_vs_budget, "translation_vs_length": translation_vs_length,
+    "needle_heatmap": needle_heatmap, "head_class_map": head_class_map,
     "implementation_comparison": implementation_comparison,
 }
 
