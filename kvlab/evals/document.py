@@ -13,8 +13,8 @@ here the document grows to ``tokens`` tokens (2,000-20,000) and the method's cac
   instruction), the target part the French one (translations one per line after the assistant header);
   each part is compressed by its own cache (:class:`~kvlab.evals.waitk.GroupStream`).
 
-Metrics: corpus BLEU and chrF of all sentences, BLEU/chrF of the sentences that start in the last quarter of
-the document (where compression has bitten) and in the first, AL/LAAL (source words, per sentence),
+Metrics: corpus BLEU and chrF of all sentences, BLEU/chrF of the sentences that reach into the last quarter of
+the document (where compression has bitten) and into the first, AL/LAAL (source words, per sentence),
 ``kv_bytes_peak`` against ``kv_bytes_full`` (what a full cache holds for the tokens fed, computed), the
 KV bytes after each sentence (``kv_bytes_trace``), tokens fed per second. A method that does not re-index
 positions (the full cache) past the model's maximum position is not applicable (metrics None and a
@@ -214,7 +214,8 @@ def evaluate(model, tokenizer, method: str, params: Params, *, progress: bool = 
     delays, out_tokens = [o.delays for o in outs], sum(len(o.tokens) for o in outs)
     refs, sources = [t for _, t in doc.pairs], [s for s, _ in doc.pairs]
     scores = corpus_scores(hyps, refs, delays, sources)
-    last = _quarter(hyps, refs, [o >= 0.75 * doc.tokens for o in doc.offsets])
+    ends = doc.offsets[1:] + [doc.tokens]  # a quarter: the sentences that reach into it
+    last = _quarter(hyps, refs, [e > 0.75 * doc.tokens for e in ends])
     first = _quarter(hyps, refs, [o < 0.25 * doc.tokens for o in doc.offsets])
     seen_src, seen_tgt = _seen(stream)
     full = sum(c.full_nbytes() for c in _caches(stream))
