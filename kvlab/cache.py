@@ -43,7 +43,8 @@ class KVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, info: LayerInfo, groups: list[Group], rotary: Rotary | None):
+    def __init__(self, info: LayerInfo, groups: list[Group], rotary: Rotary | None,
+                 allocate: Callable[[LayerInfo, list[Storage]], list[int] | None] | None = None):
         super().__init__()
         _check_partition(groups, info)
         if info.sliding_window is not None:  # local layers never hold more than window - 1 tokens
@@ -55,6 +56,8 @@ class KVLayer(CacheLayerMixin):
         self.last_q = 0
         self.on_filled: Callable[[], None] | None = None  # called after this layer took a forward pass's tokens
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the method's once-per-layer budget allocation (Ada-KV), before the first eviction; a sliding layer keeps its window
+        self._allocate = allocate if info.sliding_window is None else None
         self._qidx: list[torch.Tensor] = []
 
     # -- transformers' layer API -------------------------------------------------------
@@ -114,6 +117,20 @@ class KVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(seg.nbytes() for seg in self.segments)
 
+    def compress(self) -> None:
+        """Evict every group down to its budget now (otherwise done before the next tokens arrive)."""
+        self._allocate_once()
+        for seg in self.segments:
+            seg.compress()
+
+    def _allocate_once(self) -> None:
+        """The method's budget allocation (Ada-KV), once, when the layer is about to evict for the first time."""
+        if self._allocate is not None and any(seg.group.budget is not None and seg.length > seg.group.budget
+                                              for seg in self.segments):
+            budgets, self._allocate = self._allocate(self.info, self.segments), None
+            for seg, budget in zip(self.segments, budgets or ()):
+                seg.group = dataclasses.replace(seg.group, budget=budget)
+
     def source_nbytes(self) -> int:
         """The part of :meth:`nbytes` that keeps exact originals of re-indexed keys (e.g. StreamingLLM's sinks)."""
         return sum(seg.source_nbytes() for seg in self.segments)
@@ -123,6 +140,7 @@ class KVLayer(CacheLayerMixin):
         """Store the pending tokens (``valid (B, q)``: which are real), then ``query (B, heads, q, D)`` →
         attention output ``(B, heads, q, D)`` over the kept tokens (after ``prefix``'s, all visible)."""
         pending, self._pending = self._pending, None
+        self._allocate_once()
         if len(self.segments) == 1:
             seg = self.segments[0]
             if pending is not None:
@@ -186,8 +204,7 @@ class KVCache(Cache):
     def compress(self) -> None:
         """Evict every group down to its budget now (otherwise done before the next tokens arrive)."""
         for layer in self.layers:
-            for seg in layer.segments:
-                seg.compress()
+            layer.compress()
 
     def stop_evicting(self) -> None:
         """Lift the budget of every group of every full-attention layer: from now on the cache only grows.
@@ -334,7 +351,7 @@ def make_cache(model: PreTrainedModel, method: str | Method = "full") -> KVCache
     rots = rotaries(model)
     if m.reindex and all(r is None for r in rots):
         raise KvlabError(f"method '{m.name}' re-indexes positions, which needs a RoPE model")
-    return KVCache([KVLayer(info, m.plan(info), rot) for info, rot in zip(infos, rots)], m)
+    return KVCache([KVLayer(info, m.plan(info), rot, m.allocate) for info, rot in zip(infos, rots)], m)
 
 
 def _check_partition(groups: list[Group], info: LayerInfo) -> None:

@@ -24,6 +24,7 @@ LOSSLESS = {
     # beta=20: the top layer keeps window + (budget - window) / 20 >= n
     "pyramidkv": lambda n, tmp, model: f"pyramidkv:budget={20 * n},window=4,kernel=3",
     "tova": lambda n, tmp, model: f"tova:budget={n}",
+    "adakv": lambda n, tmp, model: f"adakv:budget={n},window=4,kernel=3",
     "knorm": lambda n, tmp, model: f"knorm:budget={n},recent=2",
     "keydiff": lambda n, tmp, model: f"keydiff:budget={n}",
     "duo": lambda n, tmp, model: f"duo:profile={round_robin_profile(model, tmp)},sinks=2,window={n}",
@@ -38,6 +39,7 @@ TIGHT = {
     # layer budgets 11 (bottom) down to 5 (top), mean 8
     "pyramidkv": lambda n, tmp, model: "pyramidkv:budget=8,window=2,kernel=3,beta=2",
     "tova": lambda n, tmp, model: "tova:budget=8",
+    "adakv": lambda n, tmp, model: "adakv:budget=8,window=2,kernel=3,floor=0.25",
     "knorm": lambda n, tmp, model: "knorm:budget=8,recent=2",
     "keydiff": lambda n, tmp, model: "keydiff:budget=8,recent=1",
     # retrieval heads keep everything: SEQ tokens
@@ -46,5 +48,5 @@ TIGHT = {
 
 # tokens kept per KV head between forward passes for the TIGHT specs
 TIGHT_BUDGET = {"streaming": 8, "h2o": 8, "head-aware": 8 * 2,  # a retrieval head can take up to 2x the mean
-                "haq": 8 * 2, "snapkv": 8, "pyramidkv": 8 * 2, "tova": 8, "knorm": 8, "keydiff": 8,
+                "haq": 8 * 2, "snapkv": 8, "pyramidkv": 8 * 2, "tova": 8, "adakv": 8 * 2, "knorm": 8, "keydiff": 8,
                 "duo": 30}  # duo's retrieval heads keep all of SEQ = 30

@@ -127,3 +127,23 @@ def test_criteria_compare_head_aware_with_the_strongest_baseline():
     assert crit.name.startswith("head-aware vs the strongest baseline") and "snapkv" in crit.detail
     assert crit.status == (PASS if loss["head-aware"] <= min(loss["streaming"], loss["snapkv"]) else FAIL)
     assert len(check(rows_frame(rows[:2]))) == 5  # no head-aware method: no sixth criterion
+
+
+def test_adakv_shares_the_layer_budget_unevenly_and_frees_the_memory(tiny_llama):
+    """Ada-KV: per-head budgets from one pool per layer, decided at the first eviction; the layer holds exactly
+    budget x heads tokens (each head in its own tensors), so 25% of the KV costs 25% of the bytes."""
+    import copy
+
+    from kvlab.cache import make_cache
+
+    model = copy.deepcopy(tiny_llama)
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(3))
+    cache = make_cache(model, "adakv:budget=16,window=4,kernel=3")
+    with torch.no_grad():
+        model(ids, past_key_values=cache)  # one pass: the scores of its last 4 queries
+        cache.compress()
+    kept = cache.kept_tokens()
+    assert all(sum(layer) == 16 * 2 for layer in kept), kept
+    assert any(layer[0] != layer[1] for layer in kept), kept  # adaptive, not uniform
+    assert all(min(layer) >= 4 for layer in kept)  # the floor: max(window, 0.2 x budget)
+    assert cache.nbytes() <= 0.27 * cache.full_nbytes()

@@ -14,6 +14,9 @@ from kvlab.methods import get
 from method_table import LOSSLESS, TIGHT
 
 LENGTHS = (14, 9, 5)  # three prompts, left-padded to 14
+# methods whose policy depends on the whole batch by design: Ada-KV gives each head of a layer one budget for
+# every row, from the rows' averaged scores (its docstring); a padded batch still runs and keeps its budgets
+BATCH_POLICY = {"adakv"}
 NEW = 8
 
 
@@ -57,6 +60,9 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_llama, tmp_path, method
             _generate(model, ids, mask, spec)
         return
     tokens, logits = _generate(model, ids, mask, spec)
+    if method in BATCH_POLICY and budget == "tight":
+        assert torch.isfinite(logits).all()
+        return
     for i, p in enumerate(prompts):
         alone_tokens, alone_logits = _generate(model, p[None], torch.ones(1, len(p), dtype=torch.long), spec)
         steps = alone_tokens.shape[1]  # alone, a row may end early (end of sequence); the batch pads it

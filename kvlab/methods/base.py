@@ -12,6 +12,7 @@ tokens is processed, a group holds at most ``budget + q`` tokens.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +34,9 @@ class Method:
     #: whether kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2);
     #: a plain class attribute, so that a subclass may make it a field (``streaming:reindex=0``)
     reindex = True
+    #: a token's score does not depend on the order of the kept tokens (no pooling over neighbours), so a
+    #: decode step may write the new token into the evicted token's slot instead of copying the cache
+    order_free: ClassVar[bool] = False
 
     def capacity(self) -> int | None:
         """Tokens kept per KV head between forward passes (None: unbounded)."""
@@ -54,6 +58,11 @@ class Method:
     def runs(self, n: int) -> list[tuple[int, int]] | None:
         """Optional fast path for positional methods: the ``(start, stop)`` runs of the ``n`` cached
         tokens to keep (the same for every head), instead of scoring them. Default: None (score)."""
+        return None
+
+    def allocate(self, layer: LayerInfo, segments: Sequence[Storage]) -> list[int] | None:
+        """Optional: new budgets for a layer's groups (in :meth:`plan`'s order), decided once, when the layer
+        first evicts, from what its storage holds then (Ada-KV's adaptive per-head budgets). None: keep them."""
         return None
 
     def observed(self) -> int | None:

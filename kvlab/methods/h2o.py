@@ -49,6 +49,11 @@ class H2O(Method):
         s = seg.scores.clone()  # (batch, heads, n) accumulated attention
         if self.pool > 1:  # each token: the max over its neighbourhood (padding never wins: -inf)
             s = F.max_pool1d(s.flatten(0, -2)[:, None], self.pool, stride=1, padding=self.pool // 2).view_as(s)
-        if self.recent:
-            s[..., -self.recent :] = float("inf")
+        if self.recent:  # the newest tokens by age: kept tokens may sit in any order (see order_free)
+            s = s.masked_fill(seg.age < self.recent, float("inf"))
         return s
+
+    @property
+    def order_free(self) -> bool:
+        """Scores that do not depend on where kept tokens sit: decode steps write in the evicted slot."""
+        return self.pool == 1

@@ -132,6 +132,7 @@ _BUILTINS = (
     "kvlab.methods.haq:HAQ",
     "kvlab.methods.quant:Quant",
     "kvlab.methods.snapkv:SnapKV",
+    "kvlab.methods.adakv:AdaKV",
     "kvlab.methods.pyramidkv:PyramidKV",
     "kvlab.methods.tova:TOVA",
     "kvlab.methods.knorm:KNorm",

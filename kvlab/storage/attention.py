@@ -82,15 +82,16 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
             out[:, :, start:stop] = F.scaled_dot_product_attention(query[:, :, start:stop], keys, values, attn_mask=m,
                                                                    scale=scaling, enable_gqa=g > 1)
             continue
-        qg = query[:, :, start:stop].unflatten(1, (h, g))  # (B, h, g, b, D)
-        logits = (qg @ keys[:, :, None].transpose(-1, -2)).float()  # (B, h, g, b, n): the block, in place below
+        rows_ = stop - start
+        qg = query[:, :, start:stop].reshape(b, h, g * rows_, -1)  # (B, h, g*b, D): a KV head's queries together
+        logits = (qg @ keys.transpose(-1, -2)).float()  # (B, h, g*b, n): the block, transformed in place below
         logits.mul_(scaling)
         if softcap is not None:
             logits.div_(softcap).tanh_().mul_(softcap)
-        logits.masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
-        probs = logits.softmax(dim=-1)
+        logits.view(b, h, g, rows_, n).masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
+        probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
         del logits
-        out[:, :, start:stop] = (probs.to(values.dtype) @ values[:, :, None]).flatten(1, 2)
+        out[:, :, start:stop] = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)
         if received is not None and stop > first_observed:
             seen = probs[..., max(0, first_observed - start):, :]
             received += seen.mean(dim=2).sum(dim=2)

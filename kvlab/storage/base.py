@@ -29,6 +29,16 @@ class Storage(Protocol):
         """Tokens held per row and head (padding included)."""
         ...
 
+    @property
+    def age(self) -> torch.Tensor:
+        """How recent each kept token is: ``age < k`` marks a row's ``k`` newest; ``(n,)`` or ``(B, h, n)``."""
+        ...
+
+    @property
+    def order(self) -> torch.Tensor:
+        """Each kept token's index among its row's real kept tokens (time order): ``(n,)`` or ``(B, h, n)``."""
+        ...
+
     def length_after_compress(self) -> int:
         """Tokens held once evicted down to the budget, before the next tokens arrive."""
         ...

@@ -10,8 +10,11 @@ keys that precede an evicted token move: a prefix of the cache (for StreamingLLM
 scored method every slot). Moved keys are re-derived from an exact copy of their original, held for
 that prefix only, by one rotation (:mod:`kvlab.storage.rope`): no drift in bf16 however long the stream.
 
-Ring. In the steady state of a positional method (one token in, the oldest of the window out) a
-decode step writes the new token over the evicted one in place: no copy of the cache. The window is
+Ring and slots. In the steady state of a positional method (one token in, the oldest of the window out)
+a decode step writes the new token over the evicted one in place: no copy of the cache. A scorer whose
+scores do not depend on the order of the kept tokens (``order_free``: H2O without pooling) does the same
+at any slot: the new token takes the place of the lowest-scoring one, found by one ``argmin``, and each
+kept token's true position (``_pos``) says its age. The window is
 then a ring (``_start`` where it begins, ``_head`` its oldest slot); a single query needs no mask and
 attention does not depend on key order, so decode reads the ring as it is. Everything else (chunks,
 scorers, readers of :meth:`dense`) sees time order: the ring is rolled back first (one copy).
@@ -47,6 +50,9 @@ class Segment:
         self.needs_scores = scorer.needs_scores
         self.observed = scorer.observed() if self.needs_scores else None
         self.prefix = self._moved_prefix() if self.reindex else 0  # slots whose keys may move
+        # decode steps may overwrite the evicted token's slot: any order of kept tokens scores the same
+        self.slots = self.needs_scores and bool(getattr(scorer, "order_free", False)) and not self.reindex
+        self.track_pos = self.reindex or self.needs_scores
         self.clear()
 
     def _moved_prefix(self) -> int:
@@ -68,6 +74,7 @@ class Segment:
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
+        self._scrambled = False  # slot writes broke time order (the true positions in _pos restore it)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -89,6 +96,16 @@ class Segment:
         """Kept values ``(B, h, n, D)`` in time order."""
         self._unroll()
         return self._v
+
+    @property
+    def age(self) -> torch.Tensor:
+        """Real tokens that arrived after each kept one: ``(n,)`` in time order, or ``(B, h, n)`` (with padding,
+        or after slot writes; padding's age is meaningless, it is never kept)."""
+        if self._pos is None:
+            self._unroll()
+            return torch.arange(self.length - 1, -1, -1, device=self.device)
+        seen = self._real if self._real is not None else self.seen
+        return seen - 1 - self._pos
 
     @property
     def order(self) -> torch.Tensor:
@@ -140,23 +157,26 @@ class Segment:
         b, h, q, _ = key_states.shape
         if valid is not None and self._valid is None:
             self._start_padding(b, h, key_states.device)
-        if q == 1 and self._valid is None and self._turn(key_states, value_states):
+        if q == 1 and self._valid is None and (self._turn(key_states, value_states) or self._slot(key_states,
+                                                                                                  value_states)):
             return
         self._unroll()
         new = {"_k": key_states, "_v": value_states}
         if self._valid is not None:
             v = torch.ones(b, q, dtype=torch.bool, device=key_states.device) if valid is None else valid
             new["_valid"] = v[:, None].expand(b, h, q).clone()
-            if self.reindex:
+            if self.track_pos:
                 new["_pos"] = (self._real + v[:, None].cumsum(-1) - 1).clamp(min=0).expand(b, h, q).clone()
-            self._real = self._real + v.sum(-1)[:, None, None]
+            real = self._real + v.sum(-1)[:, None, None]  # set once the cache is evicted (scores read ages)
             self._valid_last = v[:, -1][:, None, None]
-        elif self.reindex:
+        elif self.track_pos:
             new["_pos"] = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q).clone()
         if self.needs_scores:
             new["scores"] = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
         self._evict_and_append(new)
         self.seen += q
+        if self._valid is not None:
+            self._real = real
         self._refresh()
 
     def compress(self) -> None:
@@ -296,8 +316,31 @@ class Segment:
         self._refresh()
         return True
 
+    def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the
+        lowest-scoring token's slot (per row and head). False (nothing done) in any other case."""
+        budget, n = self.group.budget, self.length
+        if not self.slots or budget is None or n != budget + 1:
+            return False
+        b, h, _, d = self._k.shape
+        victim = self.group.scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)  # (B, h, 1)
+        self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
+        self._v.scatter_(2, victim[..., None].expand(b, h, 1, d), value)
+        self.scores.scatter_(2, victim, 0.0)
+        self._pos.scatter_(2, victim, self.seen)
+        self.seen += 1
+        self._scrambled = True
+        return True
+
     def _unroll(self) -> None:
-        """Put a turned ring back in time order (one copy)."""
+        """Put a turned ring or slot-written tokens back in time order (one copy)."""
+        if self._scrambled:
+            idx = self._pos.argsort(dim=-1)  # (B, h, n): true positions are distinct within a row and head
+            for name in _PER_TOKEN:
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, gather_tokens(t, idx))
+            self._scrambled = False
         if self._head:
             a, h = self._start, self._start + self._head
             for name in ("_k", "_v", "_pos"):

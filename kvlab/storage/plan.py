@@ -43,6 +43,8 @@ class Scorer(Protocol):
     needs_scores: bool
     #: kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2)
     reindex: bool
+    #: scores do not depend on the order of kept tokens: a decode step may write in the evicted slot
+    order_free: bool
 
     def score(self, seg: Storage) -> torch.Tensor:
         """``(n,)`` or ``(batch, heads, n)`` scores of the kept tokens; the highest are kept."""
@@ -98,6 +100,7 @@ class RecentWindow:
     window: int
     needs_scores = False
     reindex = False
+    order_free = False
     sinks = 0
 
     def score(self, seg: Storage) -> torch.Tensor:

@@ -151,6 +151,12 @@ class QuantSegment:
         return None if self.rkeys is None else self.dense()[1]
 
     @property
+    def age(self) -> torch.Tensor:
+        """Kept tokens after each kept one (time order, no padding): ``(n,)``. Among the kept tokens, so the
+        newest ``k`` are those with ``age < k``, as for the dense segment."""
+        return torch.arange(self.length - 1, -1, -1, device=self.device)
+
+    @property
     def order(self) -> torch.Tensor:
         """Each kept token's index in the cache (no padding here): ``(n,)``."""
         return torch.arange(self.length, device=self.device)
