@@ -8,13 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvlab.errors import KvlabError
-from kvlab.methods.base import Method, positive
+from kvlab.methods.knorm import KNorm
 from kvlab.storage import Storage
 
 
 @dataclass
-class KeyDiff(Method):
+class KeyDiff(KNorm):
     """``keydiff:budget=1024,recent=0``: per KV head, keep the ``budget`` tokens whose keys are least
     similar (cosine) to the anchor, the mean of the head's normalized cached keys (padding excluded);
     distinctive keys are kept, redundant ones evicted. Plus the ``recent`` newest tokens if set.
@@ -24,25 +23,10 @@ class KeyDiff(Method):
     prefill) and at every decode step. Kept tokens keep their original positions (as kvpress's KeyDiffPress).
     """
 
-    budget: int = 1024
-    recent: int = 0
-    reindex: bool = False
     name = "keydiff"
 
-    def __post_init__(self) -> None:
-        positive("budget", self.budget)
-        positive("recent", self.recent, allow_zero=True)
-        if self.recent > self.budget:
-            raise KvlabError(f"recent ({self.recent}) cannot exceed budget ({self.budget})")
-
-    def capacity(self) -> int:
-        return self.budget
-
-    def score(self, seg: Storage) -> torch.Tensor:
+    def key_scores(self, seg: Storage) -> torch.Tensor:
         k = F.normalize(seg.keys.float(), dim=-1)  # (B, h, n, D)
         real = (seg.order >= 0).to(k.dtype).expand(k.shape[:-1])[..., None]  # (B, h, n, 1); padding 0
         anchor = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1)  # (B, h, 1, D)
-        s = -F.cosine_similarity(k, anchor, dim=-1)  # (B, h, n)
-        if self.recent:
-            s[..., -self.recent :] = float("inf")
-        return s
+        return -F.cosine_similarity(k, anchor, dim=-1)  # (B, h, n)

@@ -37,7 +37,9 @@ class KNorm(Method):
         return self.budget
 
     def score(self, seg: Storage) -> torch.Tensor:
-        s = -seg.keys.float().norm(dim=-1)  # (B, h, n)
-        if self.recent:
-            s[..., -self.recent :] = float("inf")
-        return s
+        s = self.key_scores(seg)  # (B, h, n)
+        return s.masked_fill(seg.age < self.recent, float("inf")) if self.recent else s
+
+    def key_scores(self, seg: Storage) -> torch.Tensor:
+        """``(B, h, n)`` scores from the kept keys alone (the one thing a key-only variant overrides)."""
+        return -seg.keys.float().norm(dim=-1)
