@@ -52,15 +52,15 @@ bench: $(STAMP)
 # kvlab needs beyond torch (transformers 5.23 and its pure-Python dependencies) into .gpu-wheels/; carry that
 # folder to the GPU machine, where `make gpu-check` installs them offline over its own torch and runs the check.
 GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= 3.11
 GPU_OUT    ?= $(if $(OUT),$(OUT),runs/gpu-check)
 gpu-wheels:
-	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version 3.11 -d $(GPU_WHEELS) \
+	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version $(GPU_PYTHON) -d $(GPU_WHEELS) \
 	  "transformers==5.23.0" "huggingface-hub>=1.0,<2" tokenizers safetensors pyyaml regex tqdm packaging \
 	  filelock fsspec typer-slim hf-xet numpy
 
-gpu-check:
+gpu-check:  # kvlab itself runs from this checkout (the script puts it on sys.path): only torch + transformers
 	$(PYTHON) -m pip install --quiet --no-index --find-links $(GPU_WHEELS) "transformers==5.23.0"
-	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PYTHON) bench/gpu_check.py --out $(GPU_OUT)
 
 clean:
