@@ -78,7 +78,7 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path:
         for j, c in enumerate(columns):
             if out.get((t, c)) is not None:
                 grid[i, j] = out[(t, c)]
-    fig = Figure(figsize=(2.2 + 1.3 * max(len(columns), 1), 1.2 + 0.38 * max(len(tasks), 1)), layout="constrained")
+    fig = Figure(figsize=(3.4 + 1.3 * max(len(columns), 1), 1.2 + 0.38 * max(len(tasks), 1)), layout="constrained")
     ax = fig.subplots()
     ax.set_facecolor("#dddddd")
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -89,7 +89,7 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path:
                     color="black" if v >= 0.5 else "white")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    ax.set_title("RULER score (recall of the expected strings)", loc="left", fontsize=9)
+    ax.set_title("RULER score (recall)", loc="left", fontsize=9)
     fig.colorbar(image, ax=ax, label="score", shrink=0.9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
