@@ -1,20 +1,9 @@
-"""The one module that touches transformers' cache and attention internals (transformers 5.20-5.23).
+"""The compressed cache as transformers sees it: a ``CacheLayerMixin`` per attention layer holding one
+:class:`~kvlab.storage.Storage` per head group, and the ``Cache`` of those layers with byte accounting.
 
-* :class:`KVLayer` — a ``CacheLayerMixin`` holding one :class:`~kvlab.storage.Storage` per head group.
-* :class:`KVCache` — a ``transformers.Cache`` of KVLayers with byte accounting; pass it to
-  ``model.generate(past_key_values=cache)`` or to a hand-written forward loop.
-* :class:`JoinedCache` — a cache whose tokens also attend to every token another cache kept
-  (the target side of group positions in streaming translation).
-* :func:`kvlab_attention` / :func:`kvlab_mask` — the attention implementation ``"kvlab"`` and its mask.
-  ``update`` only hands the new keys to the layer; the layer evicts, appends and attends when the
-  attention function reaches it with the new tokens' padding. Any other cache falls through to sdpa.
-* :func:`make_cache` — the public entry point.
-
-Positions: the cache reports ``get_seq_length() == tokens seen``, so the model rotates new tokens at
-their true positions; re-indexing is done inside the storage (see :mod:`kvlab.storage.dense`). A padded
-batch must number its tokens as ``generate`` does (``position_ids = cumsum(attention_mask) - 1``).
-Masks: the mask of a forward pass covers only its new tokens; it is None unless one of them is padding
-(then ``(B, q)`` bool), so no ``q x n`` mask is ever built here.
+``update`` only hands the new keys to the layer and returns an empty tensor tagged with it (:func:`tag`);
+the layer evicts, appends and attends when kvlab's attention function reaches it with the padding of the
+new tokens (:mod:`kvlab.cache.attention`).
 """
 
 from __future__ import annotations
@@ -23,18 +12,23 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvlab.errors import KvlabError
-from kvlab.families import check_supported, layer_infos, layer_kinds, rope_layers
 from kvlab.methods.base import Method
 from kvlab.storage import Group, LayerInfo, RecentWindow, Rotary, Storage, make_segment
 
-ATTN_NAME = "kvlab"
 _TAG = "_kvlab_layer"
+
+
+def tag(empty: torch.Tensor, layer: object) -> None:
+    """Mark the tensor ``update`` returns as ``layer``'s: only kvlab's attention function reads it."""
+    empty.__dict__[_TAG] = layer
+
+
+def tagged_layer(key: torch.Tensor) -> object | None:
+    """The layer a key tensor was tagged with by :func:`tag`, or None (another cache)."""
+    return key.__dict__.get(_TAG)
 
 
 class KVLayer(CacheLayerMixin):
@@ -79,7 +73,7 @@ class KVLayer(CacheLayerMixin):
         self.last_q = key_states.shape[-2]
         self.seen += self.last_q
         empty = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
-        empty.__dict__[_TAG] = self
+        tag(empty, self)
         return empty, empty
 
     def get_seq_length(self) -> int:
@@ -220,138 +214,6 @@ class KVCache(Cache):
             for seg in layer.segments:
                 seg.drop_last()
             layer.seen -= 1
-
-
-class _JoinedLayer(CacheLayerMixin):
-    """One layer seen from ``own``'s side: new tokens go to ``own``; they attend to ``prefix``'s kept
-    tokens (all visible) and causally to ``own``'s."""
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, prefix: KVLayer, own: KVLayer):
-        super().__init__()
-        if prefix.info.sliding_window is not None:
-            raise KvlabError("group positions do not support sliding-window layers (e.g. Gemma-3); use batch positions")
-        if any(seg.group.bits < 16 for seg in (*prefix.segments, *own.segments)):
-            raise KvlabError("group positions support 16-bit methods only (a quantized part cannot give back its last "
-                             "token); use batch positions for quant/haq")
-        self.prefix, self.own, self.info = prefix, own, own.info
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass  # the two wrapped layers initialize themselves
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        empty, _ = self.own.update(key_states, value_states)
-        empty.__dict__[_TAG] = self
-        return empty, empty
-
-    def get_seq_length(self) -> int:
-        return self.own.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, self.own.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
-               valid: torch.Tensor | None = None) -> torch.Tensor:
-        return self.own.attend(query, scaling, None, softcap, valid, prefix=self.prefix)
-
-
-class JoinedCache(Cache):
-    """Feed tokens through ``own`` while they also see every token ``prefix`` keeps: two fresh
-    :func:`make_cache` caches of the same method, each compressing (and re-indexing) itself."""
-
-    def __init__(self, prefix: KVCache, own: KVCache):
-        super().__init__(layers=[_JoinedLayer(p, o) for p, o in zip(prefix.layers, own.layers)])
-        self.prefix, self.own = prefix, own
-
-    def nbytes(self) -> int:
-        return self.prefix.nbytes() + self.own.nbytes()
-
-
-def kvlab_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-               attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """The mask of a forward pass through a kvlab cache, which covers only the ``q`` new tokens: None
-    when none of them is padding, else their validity ``(B, q)`` bool (one check per forward pass, as
-    transformers' sdpa mask makes). Any other cache gets transformers' sdpa mask."""
-    if kv_length != q_length or kv_offset != q_offset or attention_mask is None:
-        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                         kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
-    valid = attention_mask[:, kv_offset:kv_offset + q_length].bool()
-    if valid.shape[-1] < q_length:  # a mask shorter than the input: the rest is real
-        valid = torch.nn.functional.pad(valid, (0, q_length - valid.shape[-1]), value=True)
-    return None if bool(valid.all()) else valid
-
-
-def kvlab_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    sliding_window: int | None = None, softcap: float | None = None, **kwargs
-                    ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: the tagged layer computes, anything else goes to sdpa."""
-    layer = key.__dict__.get(_TAG)
-    if layer is None:
-        if softcap is not None:
-            raise KvlabError("kvlab's attention with another cache cannot soft-cap logits; use a kvlab cache, or "
-                             "model.set_attn_implementation('eager')")
-        if attention_mask is not None and attention_mask.dim() == 2:  # a prefill: kvlab_mask gave the padding
-            q = query.shape[-2]
-            causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
-            attention_mask = causal & attention_mask[:, None, None, :]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
-    valid = None
-    if attention_mask is not None:  # (B, q) from kvlab_mask; a 4D mask's diagonal says the same
-        valid = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0].diagonal(dim1=-2, dim2=-1)
-        valid = valid.bool()
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = layer.attend(query, scale, sliding_window or layer.info.sliding_window, softcap, valid)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_kvlab_attention(model: PreTrainedModel) -> None:
-    """Register and select the ``"kvlab"`` attention implementation (sdpa for any other cache)."""
-    AttentionInterface.register(ATTN_NAME, kvlab_attention)
-    AttentionMaskInterface.register(ATTN_NAME, kvlab_mask)
-    if model.config._attn_implementation != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
-
-
-def rotaries(model: PreTrainedModel) -> list[Rotary | None]:
-    """The RoPE frequencies each layer rotates its keys with (None for a layer without RoPE)."""
-    cfg = model.config.get_text_config()
-    rope = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
-    out: list[Rotary | None] = []
-    for kind, uses_rope in zip(layer_kinds(cfg), rope_layers(cfg)):
-        inv = None
-        if rope is not None and uses_rope:
-            inv = getattr(rope, f"{kind}_inv_freq", None)
-            inv = rope.inv_freq if inv is None else inv
-        out.append(None if inv is None else Rotary(inv))
-    return out
-
-
-def make_cache(model: PreTrainedModel, method: str | Method = "full") -> KVCache:
-    """A fresh compressed cache for ``model`` running ``method`` (a spec string or a Method).
-
-    Refuses, before any forward pass, a model whose attention kvlab cannot reproduce exactly
-    (:func:`kvlab.families.check_supported`). Switches the model to kvlab's attention implementation
-    (identical to sdpa for any other cache). Use one cache per batch of sequences.
-    """
-    from kvlab.methods.registry import build
-
-    m = build(method) if isinstance(method, str) else method
-    check_supported(model)
-    m.prepare(model)
-    use_kvlab_attention(model)
-    infos = layer_infos(model)
-    rots = rotaries(model)
-    if m.reindex and all(r is None for r in rots):
-        raise KvlabError(f"method '{m.name}' re-indexes positions, which needs a RoPE model")
-    return KVCache([KVLayer(info, m.plan(info), rot, m.allocate) for info, rot in zip(infos, rots)], m)
 
 
 def _check_partition(groups: list[Group], info: LayerInfo) -> None:
