@@ -10,14 +10,8 @@ keys that precede an evicted token move: a prefix of the cache (for StreamingLLM
 scored method every slot). Moved keys are re-derived from an exact copy of their original, held for
 that prefix only, by one rotation (:mod:`kvlab.storage.rope`): no drift in bf16 however long the stream.
 
-Ring and slots. In the steady state of a positional method (one token in, the oldest of the window out)
-a decode step writes the new token over the evicted one in place: no copy of the cache. A scorer whose
-scores do not depend on the order of the kept tokens (``order_free``: H2O without pooling) does the same
-at any slot: the new token takes the place of the lowest-scoring one, found by one ``argmin``, and each
-kept token's true position (``_pos``) says its age. The window is
-then a ring (``_start`` where it begins, ``_head`` its oldest slot); a single query needs no mask and
-attention does not depend on key order, so decode reads the ring as it is. Everything else (chunks,
-scorers, readers of :meth:`dense`) sees time order: the ring is rolled back first (one copy).
+In place. Decode steps that write the new token over an evicted one (a ring for positional scorers,
+slots for order-free ones) are in :mod:`kvlab.storage.inplace`.
 
 Padding. ``_valid (B, h, n)`` marks real tokens once a padded chunk arrived (None before: no cost
 without padding). Padding scores ``-inf`` against any scorer, so a row keeps exactly what it would
@@ -32,13 +26,11 @@ import torch
 
 from kvlab.storage.attention import attend
 from kvlab.storage.base import Storage, gather_tokens, keep_indices, order
+from kvlab.storage.inplace import PER_TOKEN, InPlaceSteps
 from kvlab.storage.plan import Group
 from kvlab.storage.rope import Rotary
 
-_PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # tensors with a token axis 2
-
-
-class Segment:
+class Segment(InPlaceSteps):
     """The kept tokens of one :class:`~kvlab.storage.plan.Group` of KV heads, dense."""
 
     def __init__(self, group: Group, rotary: Rotary | None):
@@ -135,14 +127,14 @@ class Segment:
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every stored tensor (the ring order is the same for every row, so it is kept)."""
-        for name in (*_PER_TOKEN, "_src", "_real", "_valid_last"):
+        for name in (*PER_TOKEN, "_src", "_real", "_valid_last"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
 
     def drop_last(self) -> None:
         self._unroll()
-        for name in _PER_TOKEN:
+        for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[:, :, :-1])
@@ -240,7 +232,7 @@ class Segment:
         if runs is not None and (self.prefix == 0 or runs[0] == (0, self.prefix)):
             if self.prefix and self._src is None:
                 self._src = self._k[:, :, :self.prefix].clone()  # originals: nothing has moved yet
-            for name in _PER_TOKEN:
+            for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, torch.cat([t[:, :, a:b] for a, b in runs] + ([new[name]] if name in new else []),
@@ -256,7 +248,7 @@ class Segment:
         keep = keep.expand(*self._k.shape[:2], -1) if keep.dim() == 1 else keep
         if self.prefix:
             self._src = self._gather_originals(keep[..., :self.prefix])
-        for name in _PER_TOKEN:
+        for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
                 kept = gather_tokens(t, keep)
@@ -287,67 +279,6 @@ class Segment:
         if self._valid is not None:
             delta = delta.masked_fill(~self._valid[..., :m], 0)
         self._k[:, :, :m] = self.rotary.shift(self._src[:, :, :m], delta)
-
-    def _turn(self, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """The ring step: when one new token evicts exactly the oldest token after a fixed prefix (the
-        sinks), write it in that token's slot and re-derive the prefix's rotation. False (nothing done)
-        in any other case."""
-        budget, n = self.group.budget, self.length
-        if budget is None or n != budget + 1 or self.needs_scores:
-            return False
-        runs = self.group.scorer.runs(n)  # must be [(start + 1, n)], after sinks (0, start) if there are any
-        if runs is None or len(runs) > 2 or (len(runs) == 2 and runs[0][0] != 0):
-            return False
-        start = runs[0][1] if len(runs) == 2 else 0
-        if runs[-1] != (start + 1, n) or (self.prefix and start != self.prefix):
-            return False
-        if start != self._start:
-            self._unroll()
-            self._start = start
-        if self.prefix and self._src is None:
-            self._src = self._k[:, :, :self.prefix].clone()
-        slot = start + self._head
-        self._k[:, :, slot] = key[:, :, 0]
-        self._v[:, :, slot] = value[:, :, 0]
-        if self._pos is not None:
-            self._pos[:, :, slot] = self.seen
-        self._head = (self._head + 1) % (n - start)
-        self.seen += 1
-        self._refresh()
-        return True
-
-    def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the
-        lowest-scoring token's slot (per row and head). False (nothing done) in any other case."""
-        budget, n = self.group.budget, self.length
-        if not self.slots or budget is None or n != budget + 1:
-            return False
-        b, h, _, d = self._k.shape
-        victim = self.group.scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)  # (B, h, 1)
-        self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
-        self._v.scatter_(2, victim[..., None].expand(b, h, 1, d), value)
-        self.scores.scatter_(2, victim, 0.0)
-        self._pos.scatter_(2, victim, self.seen)
-        self.seen += 1
-        self._scrambled = True
-        return True
-
-    def _unroll(self) -> None:
-        """Put a turned ring or slot-written tokens back in time order (one copy)."""
-        if self._scrambled:
-            idx = self._pos.argsort(dim=-1)  # (B, h, n): true positions are distinct within a row and head
-            for name in _PER_TOKEN:
-                t = getattr(self, name)
-                if t is not None:
-                    setattr(self, name, gather_tokens(t, idx))
-            self._scrambled = False
-        if self._head:
-            a, h = self._start, self._start + self._head
-            for name in ("_k", "_v", "_pos"):
-                t = getattr(self, name)
-                if t is not None:
-                    setattr(self, name, torch.cat((t[:, :, :a], t[:, :, h:], t[:, :, a:h]), dim=2))
-            self._head = 0
 
 
 def _ones_like(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

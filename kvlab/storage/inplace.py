@@ -1,0 +1,87 @@
+"""Decode steps of dense storage that write in place: no copy of the cache.
+
+Ring. In the steady state of a positional method (one token in, the oldest of the window out) a decode
+step writes the new token over the evicted one. The window is then a ring (``_start`` where it begins,
+``_head`` its oldest slot); a single query needs no mask and attention does not depend on key order, so
+decode reads the ring as it is.
+
+Slots. A scorer whose scores do not depend on the order of the kept tokens (``order_free``: H2O without
+pooling) does the same at any slot: the new token takes the place of the lowest-scoring one, found by
+one ``argmin``, and each kept token's true position (``_pos``) says its age.
+
+Readers that need time order (``keys``/``values``, chunks of several tokens, scorers that pool over
+neighbours, :meth:`dense`) call :meth:`InPlaceSteps._unroll` first: one copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.storage.base import gather_tokens
+
+PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # the dense segment's tensors with a token axis 2
+
+
+class InPlaceSteps:
+    """The in-place steps of :class:`kvlab.storage.dense.Segment` (whose state they read and write)."""
+
+    def _turn(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """The ring step: when one new token evicts exactly the oldest token after a fixed prefix (the
+        sinks), write it in that token's slot and re-derive the prefix's rotation. False (nothing done)
+        in any other case."""
+        budget, n = self.group.budget, self.length
+        if budget is None or n != budget + 1 or self.needs_scores:
+            return False
+        runs = self.group.scorer.runs(n)  # must be [(start + 1, n)], after sinks (0, start) if there are any
+        if runs is None or len(runs) > 2 or (len(runs) == 2 and runs[0][0] != 0):
+            return False
+        start = runs[0][1] if len(runs) == 2 else 0
+        if runs[-1] != (start + 1, n) or (self.prefix and start != self.prefix):
+            return False
+        if start != self._start:
+            self._unroll()
+            self._start = start
+        if self.prefix and self._src is None:
+            self._src = self._k[:, :, :self.prefix].clone()
+        slot = start + self._head
+        self._k[:, :, slot] = key[:, :, 0]
+        self._v[:, :, slot] = value[:, :, 0]
+        if self._pos is not None:
+            self._pos[:, :, slot] = self.seen
+        self._head = (self._head + 1) % (n - start)
+        self.seen += 1
+        self._refresh()
+        return True
+
+    def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the
+        lowest-scoring token's slot (per row and head). False (nothing done) in any other case."""
+        budget, n = self.group.budget, self.length
+        if not self.slots or budget is None or n != budget + 1:
+            return False
+        b, h, _, d = self._k.shape
+        victim = self.group.scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)  # (B, h, 1)
+        self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
+        self._v.scatter_(2, victim[..., None].expand(b, h, 1, d), value)
+        self.scores.scatter_(2, victim, 0.0)
+        self._pos.scatter_(2, victim, self.seen)
+        self.seen += 1
+        self._scrambled = True
+        return True
+
+    def _unroll(self) -> None:
+        """Put a turned ring or slot-written tokens back in time order (one copy)."""
+        if self._scrambled:
+            idx = self._pos.argsort(dim=-1)  # (B, h, n): true positions are distinct within a row and head
+            for name in PER_TOKEN:
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, gather_tokens(t, idx))
+            self._scrambled = False
+        if self._head:
+            a, h = self._start, self._start + self._head
+            for name in ("_k", "_v", "_pos"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, torch.cat((t[:, :, :a], t[:, :, h:], t[:, :, a:h]), dim=2))
+            self._head = 0
