@@ -32,8 +32,9 @@ class Method:
     #: whether the cache must accumulate attention probabilities (H2O-like scores) for this method
     needs_scores: ClassVar[bool] = False
     #: whether kept tokens are re-indexed to their index in the cache (StreamingLLM, section 3.2);
-    #: a plain class attribute, so that a subclass may make it a field (``streaming:reindex=0``)
-    reindex = True
+    #: a plain class attribute, so that a subclass may make it a field (``streaming:reindex=0``). Off by
+    #: default: a scorer that evicts anywhere would move (and keep exact copies of) most of its keys
+    reindex = False
     #: a token's score does not depend on the order of the kept tokens (no pooling over neighbours), so a
     #: decode step may write the new token into the evicted token's slot instead of copying the cache
     order_free: ClassVar[bool] = False
