@@ -22,10 +22,13 @@ def quick_rows():
 def test_every_figure_the_rows_support(tmp_path):
     messages = []
     result = plot_all(lab_fakes.paper_rows(), tmp_path, echo=messages.append, dpi=30, formats=("png",))
-    assert set(result.written) == set(FIGURES) - {"head_class_map", "implementation_comparison"}
+    no_documents = "no ok rows of the 'translate_document' evaluation (kvlab translate --document)"
+    assert set(result.written) == set(FIGURES) - {"head_class_map", "implementation_comparison", "translation_vs_length"}
     assert result.skipped == {"head_class_map": "no row's method names a head profile (profile=FILE)",
-                              "implementation_comparison": "no rows of the 'compare_kvpress' evaluation"}
-    assert messages == ["skipped head_class_map: no row's method names a head profile (profile=FILE)",
+                              "implementation_comparison": "no rows of the 'compare_kvpress' evaluation",
+                              "translation_vs_length": no_documents}
+    assert messages == [f"skipped translation_vs_length: {no_documents}",
+                        "skipped head_class_map: no row's method names a head profile (profile=FILE)",
                         "skipped implementation_comparison: no rows of the 'compare_kvpress' evaluation"]
     for name, paths in result.written.items():
         assert paths == [tmp_path / f"{name}.png"]
@@ -39,10 +42,10 @@ def test_missing_data_is_skipped_not_faked(tmp_path):
     result = plot_all(quick_rows(), tmp_path, echo=messages.append, dpi=30, formats=("png",))
     assert set(result.written) == {"main_comparison", "results_summary", "memory_vs_length"}
     assert set(result.skipped) == {"ablation_window_size", "ablation_n_sink", "quality_vs_budget", "needle_heatmap",
-                                   "head_class_map", "implementation_comparison"}
+                                   "head_class_map", "implementation_comparison", "translation_vs_length"}
     assert result.skipped["quality_vs_budget"] == "no method has a 'budget' setting"
     assert "no ok 'needle' rows" in result.skipped["needle_heatmap"]
-    assert len(messages) == 6 and not (tmp_path / "needle_heatmap.png").exists()
+    assert len(messages) == 7 and not (tmp_path / "needle_heatmap.png").exists()
 
 
 def test_a_single_setting_is_not_an_ablation(tmp_path):
