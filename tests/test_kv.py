@@ -139,3 +139,29 @@ def test_mask_causal_and_sliding():
     w = block_mask(0, 2, 2, 6, window=3)
     assert w.tolist() == [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
     assert block_mask(0, 1, 1, 6).all()  # one query sees every key (attention then needs no mask)
+
+
+def test_h2o_slot_writes_keep_what_copying_keeps(tiny_llama):
+    """A decode step of an order-free scorer writes the new token into the evicted slot: the same tokens are
+    kept, with the same scores, as by the copying eviction, and the logits agree."""
+    import copy
+
+    from kvlab.cache import make_cache
+
+    model = copy.deepcopy(tiny_llama)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
+    caches, logits = [], []
+    for slots in (True, False):
+        cache = make_cache(model, "h2o:budget=8,recent=3")
+        for layer in cache.layers:
+            for seg in layer.segments:
+                seg.slots = slots and seg.slots
+        with torch.no_grad():
+            logits.append(torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(40)], 1))
+        caches.append(cache)
+    assert (logits[0] - logits[1]).abs().max() < 1e-5
+    slotted, copied = caches[0].layers[1].segments[0], caches[1].layers[1].segments[0]
+    assert slotted._scrambled  # the slots were really used
+    values = slotted.values  # read in time order (the slots are sorted back by true position)
+    assert torch.equal(slotted.age, copied.age)  # the same tokens kept
+    assert torch.allclose(values, copied.values, atol=1e-5) and torch.allclose(slotted.scores, copied.scores, atol=1e-5)
