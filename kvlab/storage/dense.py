@@ -58,11 +58,10 @@ class Segment(InPlaceSteps):
     def clear(self) -> None:
         self._k: torch.Tensor | None = None  # (B, h, n, D) keys at frame positions
         self._v: torch.Tensor | None = None  # (B, h, n, D)
-        self._pos: torch.Tensor | None = None  # (B, h, n) int64 true positions, when re-indexing
+        self._pos: torch.Tensor | None = None  # (B, h, n) int64 true positions (re-indexing, scored eviction)
         self._valid: torch.Tensor | None = None  # (B, h, n) bool, once padding was seen
         self._src: torch.Tensor | None = None  # (B, h, prefix, D) original keys of the prefix slots
         self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
-        self._valid_last: torch.Tensor | None = None  # (B, 1, 1) whether each row's newest token is real
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
@@ -127,19 +126,19 @@ class Segment(InPlaceSteps):
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every stored tensor (the ring order is the same for every row, so it is kept)."""
-        for name in (*PER_TOKEN, "_src", "_real", "_valid_last"):
+        for name in (*PER_TOKEN, "_src", "_real"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
 
     def drop_last(self) -> None:
         self._unroll()
+        if self._real is not None:  # the newest token counted as a real one if it was
+            self._real = self._real - self._valid[:, :1, -1:].long()
         for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[:, :, :-1])
-        if self._real is not None:
-            self._real = self._real - self._valid_last.long()
         self.seen -= 1
 
     # -- a forward pass ------------------------------------------------------------------
@@ -160,7 +159,6 @@ class Segment(InPlaceSteps):
             if self.track_pos:
                 new["_pos"] = (self._real + v[:, None].cumsum(-1) - 1).clamp(min=0).expand(b, h, q).clone()
             real = self._real + v.sum(-1)[:, None, None]  # set once the cache is evicted (scores read ages)
-            self._valid_last = v[:, -1][:, None, None]
         elif self.track_pos:
             new["_pos"] = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q).clone()
         if self.needs_scores:
