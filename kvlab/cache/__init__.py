@@ -66,4 +66,6 @@ def make_cache(model: PreTrainedModel, method: str | Method = "full") -> KVCache
     rots = rotaries(model)
     if m.reindex and all(r is None for r in rots):
         raise KvlabError(f"method '{m.name}' re-indexes positions, which needs a RoPE model")
-    return KVCache([KVLayer(info, m.plan(info), rot, m.allocate) for info, rot in zip(infos, rots)], m)
+    # only a method that overrides allocate (Ada-KV) gets it: no per-step check for the others
+    allocate = m.allocate if type(m).allocate is not Method.allocate else None
+    return KVCache([KVLayer(info, m.plan(info), rot, allocate) for info, rot in zip(infos, rots)], m)

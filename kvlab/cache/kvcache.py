@@ -50,7 +50,8 @@ class KVLayer(CacheLayerMixin):
         self.last_q = 0
         self.on_filled: Callable[[], None] | None = None  # called after this layer took a forward pass's tokens
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the method's once-per-layer budget allocation (Ada-KV), before the first eviction; a sliding layer keeps its window
+        # the method's once-per-layer budget allocation (Ada-KV), before the first eviction;
+        # sliding layers keep their window
         self._allocate = allocate if info.sliding_window is None else None
         self._qidx: list[torch.Tensor] = []
 

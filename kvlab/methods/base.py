@@ -78,6 +78,12 @@ class Method:
         return self.name + (":" + ",".join(parts) if parts else "")
 
 
+def need_profile(method: str, profile: str) -> None:
+    """Methods that read a head profile (head-aware, haq, duo): a clear error when none is given."""
+    if not profile:
+        raise KvlabError(f"{method} needs profile=FILE (make one with 'kvlab heads profile --model M --output FILE')")
+
+
 def positive(name: str, value: int, *, allow_zero: bool = False) -> None:
     """Validate an integer hyper-parameter with a message a user understands."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):

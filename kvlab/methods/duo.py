@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvlab.errors import KvlabError
-from kvlab.methods.base import Group, LayerInfo, Method, positive
+from kvlab.methods.base import Group, LayerInfo, Method, need_profile, positive
 from kvlab.methods.full import Full
 from kvlab.methods.streaming_llm import StreamingLLM
 
@@ -39,8 +39,7 @@ class Duo(Method):
     def __post_init__(self) -> None:
         positive("sinks", self.sinks, allow_zero=True)
         positive("window", self.window)
-        if not self.profile:
-            raise KvlabError(f"{self.name} needs profile=FILE (make one with 'kvlab heads profile --model M --output FILE')")
+        need_profile(self.name, self.profile)
         bad = [c for c in self.full.split("/") if c not in CLASSES]
         if bad or not self.full:
             raise KvlabError(f"full must be classes among {', '.join(CLASSES)} joined by '/', got '{self.full}'")

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvlab.errors import KvlabError
-from kvlab.methods.base import Group, LayerInfo, Method, positive
+from kvlab.methods.base import Group, LayerInfo, Method, need_profile, positive
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
 
@@ -105,8 +105,7 @@ class HeadAware(Method):
         positive("sinks", self.sinks, allow_zero=True)
         positive("recent", self.recent, allow_zero=True)
         H2O(budget=max(1, self.recent), recent=self.recent, pool=self.pool)  # the same checks of recent/pool
-        if not self.profile:
-            raise KvlabError(f"{self.name} needs profile=FILE (make one with 'kvlab heads profile --model M --output FILE')")
+        need_profile(self.name, self.profile)
         for cls in CLASSES:
             if not getattr(self, cls) > 0:
                 raise KvlabError(f"the weight of class '{cls}' must be > 0, got {getattr(self, cls)}")

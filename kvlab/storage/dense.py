@@ -233,8 +233,8 @@ class Segment(InPlaceSteps):
             for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:
-                    setattr(self, name, torch.cat([t[:, :, a:b] for a, b in runs] + ([new[name]] if name in new else []),
-                                                  dim=2))
+                    tail = [new[name]] if name in new else []
+                    setattr(self, name, torch.cat([t[:, :, a:b] for a, b in runs] + tail, dim=2))
             return
         if runs is not None:
             keep = torch.cat([torch.arange(a, b, device=self.device) for a, b in runs])
