@@ -8,7 +8,7 @@ import sys
 import textwrap
 import types
 
-from kvlab.compare import kvpress as kp
+from kvlab.compare import kvpress_driver as driver
 
 FAKE_WORKER = textwrap.dedent("""
     import json, os, sys, time
@@ -62,7 +62,7 @@ def install(tmp_path, monkeypatch) -> types.SimpleNamespace:
     (venv / "bin" / "python").symlink_to(sys.executable)
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
-    monkeypatch.setattr(kp, "WORKER", script)
+    monkeypatch.setattr(driver, "WORKER", script)
     monkeypatch.setenv("KVLAB_KVPRESS_VENV", str(venv))
     monkeypatch.setenv("FAKE_REQUEST_OUT", str(tmp_path / "request.json"))
     model_dir = tmp_path / "fake_model"

@@ -175,12 +175,26 @@ def test_model_folder_and_params_validation(tmp_path):
 
 # --- the worker itself, in this venv (no kvpress needed) ------------------------------------------------
 
-def test_worker_imports_only_torch_transformers_kvpress_and_stdlib():
-    tree = ast.parse(Path(worker.__file__).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    allowed = {"torch", "transformers", "kvpress", "__future__"} | set(sys.stdlib_module_names)
-    assert names <= allowed, names - allowed
+WORKER_FILES = ("kvpress_worker", "kvpress_measure")  # what .kvpress-venv's python runs: the script and its sibling
+
+
+@pytest.mark.parametrize("name", WORKER_FILES)
+def test_worker_imports_only_torch_transformers_kvpress_stdlib_and_its_sibling(name):
+    tree = ast.parse((Path(worker.__file__).parent / f"{name}.py").read_text())
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    kvlab = {m for m in modules if m.startswith("kvlab")}  # only under `if __package__:`, i.e. imported by kvlab
+    assert kvlab <= {f"kvlab.compare.{f}" for f in WORKER_FILES}, kvlab
+    allowed = {"torch", "transformers", "kvpress", "__future__", *WORKER_FILES} | set(sys.stdlib_module_names)
+    assert {m.split(".")[0] for m in modules - kvlab} <= allowed, modules - kvlab
+
+
+def test_worker_runs_as_a_script_from_any_folder_without_kvlab(tmp_path):
+    """Its sibling module is found next to the script, not in the working folder; without site-packages (-S)
+    kvlab cannot be imported, as in .kvpress-venv."""
+    proc = subprocess.run([sys.executable, "-S", worker.__file__], input=json.dumps({"protocol": 7}),
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "protocol 7 is not supported" in proc.stderr, proc.stderr
 
 
 def _fake_kvpress():

@@ -5,6 +5,10 @@ kvpress 0.5.5 needs transformers < 5.3, so it lives in its own venv (``make kvpr
 every input here, sends the token ids (and the text) as one JSON request, and reads back one JSON line per
 (press, ratio, sample). Both libraries therefore see identical ids, from the same model folder.
 
+This module holds the samples and the evaluation; the venv and the subprocess are
+:mod:`kvlab.compare.kvpress_driver`, the answer lines as metrics and rows :mod:`kvlab.compare.kvpress_results`
+(their public names are importable from here too).
+
     samples = passkey_samples(tokenizer, n=3, context_tokens=1024)
     results = run_kvpress("/path/model", "qa", samples, ["SnapKVPress", "AdaKVPress(SnapKVPress)"], [0.5])
     rows = to_rows(results, {"model": "smollm2-135m"})
@@ -16,30 +20,20 @@ tensors, its masked-out entries counted in ``effective_cache_bytes`` / ``kept_to
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
-import subprocess
-import tempfile
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvlab.compare.kvpress_driver import PROTOCOL, build_request, kvpress_python, run_worker  # noqa: F401
+from kvlab.compare.kvpress_results import HIGHER_IS_BETTER, aggregate, summarize, to_rows  # noqa: F401
 from kvlab.errors import KvlabError
-from kvlab.results import make_row
 
-PROTOCOL = 1
-WORKER = Path(__file__).with_name("kvpress_worker.py")
-DEFAULT_VENV = Path(__file__).resolve().parents[2] / ".kvpress-venv"
 PRESSES = ("StreamingLLMPress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "ObservedAttentionPress",
            "ExpectedAttentionPress", "AdaKVPress(SnapKVPress)", "KnormPress", "KeyDiffPress")
 TASKS = ("passkey", "ppl")
-HIGHER_IS_BETTER = {"accuracy": True, "exact_match": True, "ppl": False, "nll": False, "prefill_s": False,
-                    "prefill_tok_s": True, "decode_tok_s": True, "cache_bytes": False,
-                    "effective_cache_bytes": False, "peak_rss_bytes": False}
 PASSKEY_QUESTION = "What is the pass key?"
 
 
@@ -90,15 +84,6 @@ class Params:
             raise KvlabError(f"context_tokens must be at least 64, got {self.context_tokens}")
         if self.timeout_s <= 0:
             raise KvlabError(f"timeout_s must be positive, got {self.timeout_s}")
-
-
-def kvpress_python(venv: str | os.PathLike | None = None) -> Path:
-    """The kvpress venv's python: ``venv``, else ``$KVLAB_KVPRESS_VENV``, else ``.kvpress-venv`` in the checkout."""
-    root = Path(venv or os.environ.get("KVLAB_KVPRESS_VENV") or DEFAULT_VENV)
-    python = root / "bin" / "python"
-    if not python.exists():
-        raise KvlabError(f"kvpress environment not found: run `make kvpress-env` (no {python})")
-    return python
 
 
 def model_folder(model: Any) -> Path:
@@ -166,131 +151,6 @@ def ppl_samples(tokenizer: Any, n: int, context_tokens: int, continuation_tokens
             for i in range(n)]
 
 
-def build_request(model_dir: str | os.PathLike, task: str, samples: Sequence[QASample | PplSample],
-                  presses: Sequence[str], ratios: Sequence[float], *, device: str = "cpu", dtype: str = "float32",
-                  seed: int = 0, max_new_tokens: int = 16, threads: int | None = None) -> dict[str, Any]:
-    """The worker's JSON request (``task``: "qa" or "ppl"; "full" is accepted for the press "none")."""
-    if task not in ("qa", "ppl"):
-        raise KvlabError(f"unknown worker task '{task}'; choose from: ppl, qa")
-    if not presses or not samples:
-        raise KvlabError("the kvpress comparison needs at least one press and one sample")
-    for ratio in ratios:
-        if not 0.0 <= float(ratio) < 1.0:
-            raise KvlabError(f"kvpress compression ratio must be in [0, 1), got {ratio}")
-    return {"protocol": PROTOCOL, "model_dir": str(model_dir), "task": task, "device": str(device), "dtype": dtype,
-            "seed": seed, "max_new_tokens": max_new_tokens, "threads": threads,
-            "presses": ["none" if p == "full" else p for p in presses], "ratios": [float(r) for r in ratios],
-            "samples": [asdict(s) for s in samples]}
-
-
-def run_worker(request: dict[str, Any], *, python: str | os.PathLike, timeout_s: float = 1800.0,
-               script: str | os.PathLike | None = None,
-               on_record: Callable[[dict], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run the worker (``script``, default :data:`WORKER`) on ``request``; return its hello and result/error lines.
-
-    Exit code 2 (a bad request, e.g. a press kvpress lacks) becomes a KvlabError with the worker's line;
-    a crash, a missing ``done`` line or the timeout (the worker is killed) too.
-    """
-    timed_out = threading.Event()
-    lines: list[dict[str, Any]] = []
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([str(python), str(script or WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=err, text=True)
-
-        def kill() -> None:
-            timed_out.set()
-            proc.kill()
-
-        timer = threading.Timer(timeout_s, kill)
-        timer.start()
-        try:
-            try:
-                proc.stdin.write(json.dumps(request))
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            for line in proc.stdout:
-                record = _parse(line)
-                if record is not None:
-                    lines.append(record)
-                    if on_record is not None:
-                        on_record(record)
-            code = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        err.seek(0)
-        last = next((ln.strip() for ln in reversed(err.read().splitlines()) if ln.strip()), "")
-    if timed_out.is_set():
-        raise KvlabError(f"kvpress worker timed out after {timeout_s:g} s and was stopped")
-    if code == 2:
-        raise KvlabError(f"kvpress: {last.removeprefix('kvpress-worker: ')}")
-    if code != 0 or not lines or lines[-1].get("type") != "done":
-        raise KvlabError(f"kvpress worker failed (exit {code}): {last or 'no output'}")
-    hello = next((r for r in lines if r.get("type") == "hello"), None)
-    if hello is None or hello.get("protocol") != PROTOCOL:
-        raise KvlabError(f"kvpress worker speaks protocol {None if hello is None else hello.get('protocol')}, "
-                         f"kvlab expects {PROTOCOL}")
-    return hello, [r for r in lines if r.get("type") in ("result", "error")]
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    line = line.strip()
-    if not line.startswith("{"):
-        return None  # a stray print from a library
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and "type" in record else None
-
-
-def summarize(hello: dict[str, Any], records: Sequence[dict[str, Any]], task: str) -> list[dict[str, Any]]:
-    """One dict per (press, ratio), in the order they ran: its metrics over the samples, or its error."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for record in records:
-        groups.setdefault((record["press"], float(record["ratio"])), []).append(record)
-    out = []
-    for (press, ratio), group in groups.items():
-        results = [r for r in group if r["type"] == "result"]
-        errors = [r["error"] for r in group if r["type"] == "error"]
-        metrics = aggregate(results, task) if results and not errors else {}
-        if results:
-            metrics["note"] = (f"kvpress {hello.get('kvpress')}, transformers {hello.get('transformers')}, "
-                               f"attention {results[0].get('attn_implementation')}, {len(results)} samples")
-        out.append({"press": press, "ratio": ratio, "task": task, "error": errors[0] if errors else None,
-                    "metrics": metrics, "samples": results, "kvpress_version": hello.get("kvpress"),
-                    "transformers_version": hello.get("transformers")})
-    return out
-
-
-def aggregate(results: list[dict], task: str) -> dict[str, Any]:
-    """The metrics of one (press, ratio) from its per-sample records (the worker's or kvlab's): means of
-    accuracy or perplexity, timings, kept tokens and bytes."""
-    def mean(key: str) -> float:
-        return sum(float(r[key]) for r in results) / len(results)
-
-    prefill = sum(r["prefill_s"] for r in results)
-    metrics: dict[str, Any] = {
-        "samples": len(results), "context_tokens": mean("context_tokens"), "kept_tokens": mean("kept_tokens"),
-        "held_tokens": mean("held_tokens"), "cache_bytes": mean("cache_bytes"),
-        "effective_cache_bytes": mean("effective_cache_bytes"), "prefill_s": mean("prefill_s"),
-        "prefill_tok_s": sum(r["context_tokens"] for r in results) / prefill if prefill > 0 else None,
-        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
-    }
-    if task == "qa":
-        steps, decode = sum(r["decode_steps"] for r in results), sum(r["decode_s"] for r in results)
-        metrics.update(accuracy=mean("contains"), exact_match=mean("exact_match"),
-                       decode_tok_s=steps / decode if steps and decode > 0 else None, question_s=mean("question_s"))
-    else:
-        tokens = sum(r["scored_tokens"] for r in results)
-        nll = sum(r["nll_sum"] for r in results) / tokens
-        metrics.update(ppl=math.exp(nll), nll=nll, scored_tokens=tokens)
-    return metrics
-
-
 def run_kvpress(model_dir: str | os.PathLike, task: str, samples: Sequence[QASample | PplSample],
                 presses: Sequence[str] = PRESSES, ratios: Sequence[float] = (0.5,), *, device: str = "cpu",
                 dtype: str = "float32", seed: int = 0, max_new_tokens: int = 16, threads: int | None = None,
@@ -302,19 +162,6 @@ def run_kvpress(model_dir: str | os.PathLike, task: str, samples: Sequence[QASam
                             max_new_tokens=max_new_tokens, threads=threads)
     hello, records = run_worker(request, python=python, timeout_s=timeout_s, on_record=on_record)
     return summarize(hello, records, task)
-
-
-def to_rows(results: Sequence[dict[str, Any]], config: dict[str, Any], *, device: str | None = None) -> list[dict]:
-    """The lab's rows (eval "kvpress"), one per (press, ratio); kvpress's own versions go under ``versions``."""
-    rows = []
-    for res in results:
-        cfg = {**config, "implementation": "kvpress", "method": res["press"], "ratio": res["ratio"], "task": res["task"]}
-        row = make_row("kvpress", cfg, res["metrics"], higher_is_better=HIGHER_IS_BETTER, error=res["error"],
-                       device=device, runtime_s=sum(s["prefill_s"] + s.get("decode_s", 0.0) for s in res["samples"]))
-        row["versions"] = {**row["versions"], "kvpress": res["kvpress_version"],
-                           "kvpress_transformers": res["transformers_version"]}
-        rows.append(row)
-    return rows
 
 
 def evaluate(model: Any, tokenizer: Any, method: str, params: Params, *, progress: bool = False) -> dict[str, Any]:
