@@ -30,6 +30,11 @@ def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=
     return QuantSegment(group, Rotary(INV_FREQ) if rotary else None)
 
 
+def _residual_pre_rope(seg: QuantSegment) -> torch.Tensor:
+    """The residual's keys before RoPE: it stores them as handed over, rotated at their true positions."""
+    return seg.rotary.shift_range(seg.rkeys, seg.seen - seg.residual_length, sign=-1)
+
+
 def _token_values(n: int, heads: int = 2) -> torch.Tensor:
     """Values whose every channel holds the token's index: per-token groups restore them exactly."""
     return torch.arange(float(n)).view(1, 1, n, 1).expand(1, heads, n, D).clone()
@@ -58,7 +63,7 @@ def test_body_holds_the_quantized_pre_rope_keys_and_values():
     seg = _seg(None, None, bits=8, group_size=4, residual=4)
     _feed(seg, k0, v, 5)
     assert (seg.body_length, seg.residual_length) == (12, 7)  # 19 - 12 < residual + group_size
-    keys, values = seg._dequantized_body()
+    keys, values = seg.body.dequantize()
     assert torch.allclose(keys, fake_quantize(k0[:, :, :12], 8, axis=2, group_size=4), atol=1e-5)
     assert torch.allclose(values, fake_quantize(v[:, :, :12], 8, axis=3, group_size=4), atol=1e-5)
     assert not torch.allclose(keys, k0[:, :, :12], atol=1e-5)  # it really is quantized
@@ -74,7 +79,7 @@ def test_kept_keys_sit_at_frame_positions_without_drift(chunk):
     _feed(seg, k0, v, chunk)
     seg.compress()
     n = seg.length
-    pre = torch.cat(seg._dequantized_body()[:1] + (seg.rkeys,), dim=2)[0, 0]  # (n, D) stored pre-RoPE keys
+    pre = torch.cat(seg.body.dequantize()[:1] + (_residual_pre_rope(seg),), dim=2)[0, 0]  # (n, D) pre-RoPE keys
     assert torch.allclose(seg.keys[0, 0], _rope(pre, torch.arange(203 - n, 203)), atol=1e-5)
     q0 = torch.randn(D, generator=g)
     ours = _rope(q0[None], torch.tensor([203])) @ seg.keys[0, 0].T
@@ -121,8 +126,8 @@ def test_h2o_evicts_single_tokens_per_head_and_keeps_what_stays_exact():
     seg = _seg(H2O(budget=8, recent=2), budget=8)
     g = torch.Generator().manual_seed(4)
     seg.append(torch.randn(1, 2, 16, D, generator=g), _token_values(16))
-    assert (seg.body_length, seg.residual_length, seg.kscale.shape[2]) == (12, 4, 3)
-    before = seg._dequantized_body()[0]
+    assert (seg.body_length, seg.residual_length, seg.body.kscale.shape[2]) == (12, 4, 3)
+    before = seg.body.dequantize()[0]
     scores = torch.zeros(1, 2, 16)
     scores[0, 0, [0, 1, 10, 11]] = 1.0  # head 0: two tokens of block 0, two of block 2
     scores[0, 1, [4, 5, 6, 7]] = 1.0  # head 1: block 1 only
@@ -131,17 +136,17 @@ def test_h2o_evicts_single_tokens_per_head_and_keeps_what_stays_exact():
     kept = seg.values[0, :, :, 0].long()
     assert kept.tolist() == [[0, 1, 10, 11, 12, 13, 14, 15], [4, 5, 6, 7, 12, 13, 14, 15]]
     assert torch.equal(seg.scores, scores.gather(2, kept[None]))
-    assert seg.kscale.shape[2] == 2  # head 0 uses 2 rows (blocks 0 and 2); head 1 one (+ 1 of padding)
-    assert seg.kblock[0].tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
-    after = seg._dequantized_body()[0]
+    assert seg.body.kscale.shape[2] == 2  # head 0 uses 2 rows (blocks 0 and 2); head 1 one (+ 1 of padding)
+    assert seg.body.kblock[0].tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+    after = seg.body.dequantize()[0]
     assert torch.equal(after, before.gather(2, kept[None, :, :4, None].expand(1, 2, 4, D)))  # codes still valid
     # the next block gets a fresh row and dequantizes like a block quantized on its own
-    oldest = seg.rkeys.clone()  # tokens 12..15, pre-RoPE: the next block
+    oldest = _residual_pre_rope(seg)  # tokens 12..15, pre-RoPE: the next block
     seg.append(torch.randn(1, 2, 4, D, generator=g), _token_values(4))
-    assert (seg.body_length, seg.kscale.shape[2]) == (8, 3)
-    assert seg.kblock[0, :, 4:].tolist() == [[2] * 4] * 2
+    assert (seg.body_length, seg.body.kscale.shape[2]) == (8, 3)
+    assert seg.body.kblock[0, :, 4:].tolist() == [[2] * 4] * 2
     fresh = fake_quantize(oldest, 8, axis=2, group_size=4)
-    assert torch.allclose(seg._dequantized_body()[0][:, :, 4:], fresh, atol=1e-6)
+    assert torch.allclose(seg.body.dequantize()[0][:, :, 4:], fresh, atol=1e-6)
 
 
 def test_without_reindexing_kept_keys_keep_their_true_positions():
@@ -153,7 +158,7 @@ def test_without_reindexing_kept_keys_keep_their_true_positions():
     seg.compress()
     kept = seg.values[0, :, :, 0].long()  # (2, 10) true positions, different per head
     assert kept[0].tolist() != kept[1].tolist() and kept[0, -4:].tolist() == list(range(26, 30))
-    pre = torch.cat((seg._dequantized_body()[0], seg.rkeys), dim=2)[0]  # (2, 10, D)
+    pre = torch.cat((seg.body.dequantize()[0], _residual_pre_rope(seg)), dim=2)[0]  # (2, 10, D)
     for h in range(2):
         assert torch.allclose(seg.keys[0, h], _rope(pre[h], kept[h]), atol=1e-5)
         assert torch.allclose(pre[h], k0[0, h, kept[h]], atol=0.05)

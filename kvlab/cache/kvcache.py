@@ -53,7 +53,7 @@ class KVLayer(CacheLayerMixin):
         # the method's once-per-layer budget allocation (Ada-KV), before the first eviction;
         # sliding layers keep their window
         self._allocate = allocate if info.sliding_window is None else None
-        self._qidx: list[torch.Tensor] = []
+        self._qidx: list[torch.Tensor | slice] = []  # each segment's query heads: a slice where contiguous
 
     # -- transformers' layer API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -61,7 +61,12 @@ class KVLayer(CacheLayerMixin):
         g = self.info.num_heads // self.info.num_kv_heads
         for seg in self.segments:
             seg.heads = seg.heads.to(self.device)
-        self._qidx = [(seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten() for seg in self.segments]
+        self._qidx = []
+        for seg in self.segments:
+            heads = list(seg.group.heads)
+            contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
+            self._qidx.append(slice(heads[0] * g, (heads[-1] + 1) * g) if contiguous else
+                              (seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten())
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -146,8 +151,8 @@ class KVLayer(CacheLayerMixin):
             for i, (seg, qidx) in enumerate(zip(self.segments, self._qidx)):
                 if pending is not None:
                     seg.push(pending[0].index_select(1, seg.heads), pending[1].index_select(1, seg.heads), valid)
-                out[:, qidx] = seg.attend(query.index_select(1, qidx), scaling, window, softcap,
-                                          prefix=prefix.segments[i] if prefix else None)
+                q = query[:, qidx] if isinstance(qidx, slice) else query.index_select(1, qidx)
+                out[:, qidx] = seg.attend(q, scaling, window, softcap, prefix=prefix.segments[i] if prefix else None)
         if self.on_filled is not None:
             self.on_filled()
         return out

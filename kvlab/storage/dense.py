@@ -276,7 +276,7 @@ class Segment(InPlaceSteps):
         delta = frame - self._pos[:, :, :m]
         if self._valid is not None:
             delta = delta.masked_fill(~self._valid[..., :m], 0)
-        self._k[:, :, :m] = self.rotary.shift(self._src[:, :, :m], delta)
+        self._k[:, :, :m] = self.rotary.shift(self._src[:, :, :m], delta, bound=self.seen + 1)
 
 
 def _ones_like(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

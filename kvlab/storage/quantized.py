@@ -8,16 +8,13 @@ recent tokens stay in full precision; when the residual holds ``residual + group
 oldest ``group_size`` are quantized into the body as one block, as soon as they arrive (so a chunk's
 queries attend to the stored, quantized version of its older tokens, and memory is measured honestly).
 
-Layout (cheap tensor ops to append blocks or drop tokens, no lists of tensors)::
+Layout: the quantized tokens (the *body*) are a :class:`~kvlab.storage.codes.QuantBody`; besides it::
 
-    kcodes, vcodes   (B, h, T, D * bits / 8)  uint8, codes packed along the channel axis
-    kscale, kzero    (B, h, NB, D)            float16, one row per block of G tokens (per channel)
-    kblock           (B, h, T)                int16, the row of kscale each body token uses
-    kpos             (B, h, T)                int32 true positions, only for a scorer that does not re-index
-    vscale, vzero    (B, h, T, D / Gv)        float16, one per Gv channels per token
-    rkeys, rvalues   (B, h, r, D)             the model's dtype, full precision (r in [residual, residual + G))
-    skeys, svalues   (B, h, s, D)             the first ``sinks`` tokens, full precision, never evicted
-    scores           (B, h, s + T + r)        float32 accumulated attention, only for H2O-like scorers
+    rkeys, rvalues   (B, h, r, D)  the model's dtype, the newest tokens as the model handed them over (keys rotated
+                                   at their true positions), r in [residual, residual + G)
+    skeys            (B, h, s, D)  float32, the first ``sinks`` tokens' keys before RoPE (exact), never evicted
+    svalues          (B, h, s, D)  the model's dtype
+    scores           (B, h, s + T + r)  float32 accumulated attention, only for H2O-like scorers
 
 Sinks. A group whose scorer always keeps the first tokens (StreamingLLM's attention sinks, its
 ``sinks``) can keep them in full precision (``QuantGroup.exact_sinks``): they take a large share of
@@ -27,11 +24,14 @@ tokens, budget 512, ``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bri
 2024) keep the first token's KV in full precision for the same reason. Kept tokens read in the
 order sinks, body, residual.
 
-Positions. Keys are stored **before RoPE**: each incoming key is un-rotated from its true position
-(the j-th key of a forward is at ``seen + j``). At attention time every kept key is dequantized and
-rotated to its frame position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.dense`), which is
-exact re-indexing with no drift however often tokens are evicted; when the group's scorer keeps
-original positions (H2O's default), to its true position instead, kept per body token (int32).
+Positions. Quantized keys and sinks are stored **before RoPE**: a key is un-rotated from its true position
+(in float32) when it becomes a sink or leaves the residual for the body. At attention time they are
+dequantized and rotated, in float32 and rounded once to the model's dtype, to their frame position
+``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.dense`), which is exact re-indexing with no
+drift however often tokens are evicted; when the group's scorer keeps original positions (H2O's default),
+to their true position instead, kept per body token (int32). The residual is the newest ``r`` tokens, whose
+frame positions are their true positions (``seen - r + j``) in either case: its keys are used as the model
+handed them over, never rotated again.
 KIVI quantizes post-RoPE keys; quantizing pre-RoPE keys per channel is the choice of KVQuant
 (Hooper et al. 2024, "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache
 Quantization"): RoPE mixes pairs of channels with a position-dependent angle, which blurs the
@@ -41,8 +41,10 @@ Token-level eviction. Evicting a token from a quantized block leaves the codes o
 tokens valid under the block's key scales, so :meth:`compress` drops single tokens exactly as the
 dense segment does: the group's scorer scores every kept token (``(n,)`` or ``(B, h, n)``, body then
 residual in time order), the residual is always kept, and the best body tokens fill the rest of the
-budget. A block's scale row lives as long as one of its tokens does (rows are compacted after each
-eviction; with per-head scores a head may carry a few dead rows as padding, which are counted).
+budget; a positional scorer (StreamingLLM's window, a sliding layer) drops the oldest body tokens by a
+slice, without scores. A block's scale row lives as long as one of its tokens does (rows are compacted
+after each eviction, once every ``group_size`` steps when decoding; with per-head scores a head may carry
+a few dead rows as padding, which are counted).
 Whole-block (page-level) eviction was tried first: on SmolLM2 (pydoc, 2048 tokens, budget 512) it
 cost 3% perplexity over token-level eviction even with exact (unquantized) blocks, because a block
 of 32 tokens rarely holds only heavy hitters.
@@ -56,9 +58,9 @@ from collections.abc import Callable
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.quant import pack, quantize, unpack
 from kvlab.storage.attention import attend
-from kvlab.storage.base import Storage, keep_indices
+from kvlab.storage.base import Storage, keep_indices, order
+from kvlab.storage.codes import QuantBody
 from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group
 from kvlab.storage.rope import Rotary
 
@@ -71,8 +73,6 @@ class QuantSegment:
     """
 
     def __init__(self, group: Group, rotary: Rotary | None):
-        if group.bits not in (2, 4, 8):
-            raise KvlabError(f"quantized storage needs bits 2, 4 or 8, got {group.bits}")
         self.group = group
         self.heads = torch.tensor(group.heads, dtype=torch.long)
         self.rotary = rotary
@@ -85,23 +85,23 @@ class QuantSegment:
         self.sinks = getattr(group.scorer, "sinks", 0) if getattr(group, "exact_sinks", False) else 0
         self.needs_scores = group.scorer.needs_scores
         self.observed = group.scorer.observed() if self.needs_scores else None
+        self.body = QuantBody(group.bits, self.group_size, positions=not self.reindex)
         self.clear()
 
     def clear(self) -> None:
         """Forget every token (the state of a fresh segment)."""
         self.seen = 0  # tokens fed so far: the next key is at true position `seen`
-        self.kcodes = self.vcodes = self.kscale = self.kzero = self.vscale = self.vzero = self.kblock = None
-        self.kpos: torch.Tensor | None = None  # (B, h, T) int32 true positions, only without re-indexing
-        self.rkeys: torch.Tensor | None = None  # (B, h, r, D) pre-RoPE
+        self.body.clear()
+        self.rkeys: torch.Tensor | None = None  # (B, h, r, D) as handed over (rotated at their true positions)
         self.rvalues: torch.Tensor | None = None
-        self.skeys: torch.Tensor | None = None  # (B, h, s, D) pre-RoPE, the first `sinks` tokens
+        self.skeys: torch.Tensor | None = None  # (B, h, s, D) float32 before RoPE, the first `sinks` tokens
         self.svalues: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
 
     # -- state ---------------------------------------------------------------------------
     @property
     def body_length(self) -> int:
-        return 0 if self.kcodes is None else self.kcodes.shape[2]
+        return self.body.length
 
     @property
     def residual_length(self) -> int:
@@ -126,11 +126,9 @@ class QuantSegment:
     def nbytes_parts(self) -> dict[str, int]:
         """Bytes of the packed codes; of the scales, zero points and per-token block rows (and positions);
         of the full-precision residual and sinks."""
-        def size(*ts: torch.Tensor | None) -> int:
-            return sum(t.numel() * t.element_size() for t in ts if t is not None)
-        return {"codes": size(self.kcodes, self.vcodes),
-                "scales": size(self.kscale, self.kzero, self.kblock, self.kpos, self.vscale, self.vzero),
-                "residual": size(self.rkeys, self.rvalues, self.skeys, self.svalues)}
+        codes, scales = self.body.nbytes()
+        exact = sum(t.nbytes for t in (self.rkeys, self.rvalues, self.skeys, self.svalues) if t is not None)
+        return {"codes": codes, "scales": scales, "residual": exact}
 
     def source_nbytes(self) -> int:
         """Keys are kept before RoPE here: no separate originals."""
@@ -159,31 +157,42 @@ class QuantSegment:
     @property
     def order(self) -> torch.Tensor:
         """Each kept token's index in the cache (no padding here): ``(n,)``."""
-        return torch.arange(self.length, device=self.device)
+        return order(None, self.length, self.device)
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a batch-axis reorder / repeat / select) to every stored tensor."""
-        for name in ("kcodes", "vcodes", "kscale", "kzero", "kblock", "kpos", "vscale", "vzero", "rkeys", "rvalues",
-                     "skeys", "svalues", "scores"):
+        self.body.map_batch(fn)
+        for name in ("rkeys", "rvalues", "skeys", "svalues", "scores"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """Dequantized keys rotated to their positions (frame, or original without re-indexing) and
-        values: ``(B, h, n, D)`` each; no padding."""
-        bk, bv = self._dequantized_body()
-        keys = torch.cat((self.skeys, bk, self.rkeys), dim=2)
-        values = torch.cat((self.svalues, bv, self.rvalues), dim=2)
-        if self.rotary is not None:
-            n, r, s = keys.shape[2], self.residual_length, self.sink_length
-            if self.reindex:
-                pos = torch.arange(self.seen - n, self.seen, device=keys.device)  # (n,)
-            else:  # (B, h, n): the sinks', the body's own positions, then the residual's (never evicted, contiguous)
-                head = torch.arange(s, device=keys.device).expand(*keys.shape[:2], s)
-                tail = torch.arange(self.seen - r, self.seen, device=keys.device).expand(*keys.shape[:2], r)
-                pos = torch.cat((head, self.kpos, tail), dim=2)
-            keys = self.rotary.shift(keys, pos)
+        """Keys rotated to their positions (frame, or original without re-indexing) and values: ``(B, h, n, D)``
+        each, in the model's dtype; no padding. Sinks and body are rotated in float32 and rounded once."""
+        dtype, s, t, n = self.rvalues.dtype, self.sink_length, self.body.length, self.length
+        if s + t == 0:
+            return self.rkeys, self.rvalues, None
+        b, h, _, d = self.rkeys.shape
+        keys = torch.empty(b, h, n, d, dtype=dtype, device=self.device)  # filled in place: no concatenation
+        values = torch.empty_like(keys)
+        pre = torch.empty(b, h, s + t, d, device=self.device)  # the sinks' and the body's keys before RoPE, float32
+        if s:
+            pre[:, :, :s] = self.skeys
+            values[:, :, :s] = self.svalues
+        if t:
+            self.body.dequantize(keys=pre[:, :, s:], values=values[:, :, s:s + t])
+        values[:, :, s + t:] = self.rvalues
+        keys[:, :, s + t:] = self.rkeys
+        if self.rotary is None:
+            keys[:, :, :s + t] = pre
+        elif self.reindex:  # frame positions seen - n .. of the sinks and the body
+            self.rotary.shift_range(pre, self.seen - n, out=keys[:, :, :s + t])
+        else:  # the sinks' own positions 0..s-1, the body's kept true positions
+            pos = self.body.kpos
+            if s:
+                pos = torch.cat((torch.arange(s, dtype=pos.dtype, device=pos.device).expand(*pos.shape[:2], s), pos), 2)
+            keys[:, :, :s + t] = self.rotary.shift(pre, pos, dtype=dtype, bound=self.seen)
         return keys, values, None
 
     def drop_last(self) -> None:
@@ -203,21 +212,28 @@ class QuantSegment:
         """Evict down to the budget: keep the sinks, the residual and the best-scoring body tokens. ``lazy``
         (a decode step): dead key-scale rows are dropped once every ``group_size`` steps, since counting
         them reads a number back from the device."""
-        budget, n, body, s = self.group.budget, self.length, self.body_length, self.sink_length
+        budget, n, body, s, r = self.group.budget, self.length, self.body_length, self.sink_length, self.residual_length
         if budget is None or n <= budget or body == 0:
             return
-        score = self.group.scorer.score(self)[..., s:s + body]  # (body,) or (B, h, body): sinks and residual stay
-        keep = keep_indices(score, max(0, budget - s - self.residual_length))  # body tokens, in time order
-        if keep.dim() == 1:  # one choice for every head
-            keep = keep.expand(*self.kblock.shape[:2], -1)
-        for name in ("kcodes", "vcodes", "vscale", "vzero", "kblock") + (() if self.reindex else ("kpos",)):
-            t = getattr(self, name)
-            setattr(self, name, t.gather(2, keep if t.dim() == 3 else keep[..., None].expand(*keep.shape, t.shape[-1])))
+        k = max(0, budget - s - r)  # body tokens kept
+        window = [(n - k - r, n)]
+        if self.group.scorer.runs(n) == ([(0, s)] + window if s else window):  # the newest body tokens: a slice
+            self.body.keep_last(k)
+            keep = None
+        else:
+            score = self.group.scorer.score(self)[..., s:s + body]  # (body,) or (B, h, body): sinks, residual stay
+            keep = keep_indices(score, k)  # body tokens, in time order
+            if keep.dim() == 1:  # one choice for every head
+                keep = keep.expand(*self.rkeys.shape[:2], -1)
+            self.body.keep(keep)
         if self.scores is not None:
+            if keep is None:
+                keep = torch.arange(body - k, body, device=self.scores.device).expand(*self.scores.shape[:2], -1)
             head = torch.arange(s, device=keep.device).expand(*keep.shape[:2], -1)
             rest = torch.arange(s + body, n, device=keep.device).expand(*keep.shape[:2], -1)
             self.scores = self.scores.gather(2, torch.cat((head, keep + s, rest), dim=-1))
-        self._compact_scales(lazy)
+        if not lazy or self.seen % self.group_size == 0:
+            self.body.compact()
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Add ``(B, h, q, D)`` new keys (rotated at their true positions) and values: the first ``sinks``
@@ -226,14 +242,15 @@ class QuantSegment:
         q = key_states.shape[-2]
         if self.rkeys is None:
             self._start(key_states)
-        keys = key_states
-        if self.rotary is not None:
-            keys = self.rotary.shift(key_states, -torch.arange(self.seen, self.seen + q, device=key_states.device))
         s = max(0, min(self.sinks - self.seen, q))  # the first tokens ever seen
-        self.skeys = torch.cat((self.skeys, keys[:, :, :s]), dim=2)
-        self.svalues = torch.cat((self.svalues, value_states[:, :, :s]), dim=2)
-        self.rkeys = torch.cat((self.rkeys, keys[:, :, s:]), dim=2)
-        self.rvalues = torch.cat((self.rvalues, value_states[:, :, s:]), dim=2)
+        if s:
+            sink = key_states[:, :, :s]
+            sink = sink.float() if self.rotary is None else self.rotary.shift_range(sink, self.seen, -1, torch.float32)
+            self.skeys = torch.cat((self.skeys, sink), dim=2)
+            self.svalues = torch.cat((self.svalues, value_states[:, :, :s]), dim=2)
+            key_states, value_states = key_states[:, :, s:], value_states[:, :, s:]
+        self.rkeys = torch.cat((self.rkeys, key_states), dim=2)
+        self.rvalues = torch.cat((self.rvalues, value_states), dim=2)
         self.seen += q
         if self.needs_scores:
             new = torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)
@@ -264,81 +281,19 @@ class QuantSegment:
     # -- internals ---------------------------------------------------------------------------
     def _start(self, key_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        self.vgroup = min(self.group_size, d)
-        if (d * self.bits) % 8 or d % self.vgroup:
-            raise KvlabError(f"head_dim {d} cannot be packed at {self.bits} bits in value groups of {self.vgroup} "
-                             f"channels; choose a group_size that divides {d}")
-        dev, half = key_states.device, torch.float16
-        width = d * self.bits // 8
-        self.kcodes = torch.empty(b, h, 0, width, dtype=torch.uint8, device=dev)
-        self.vcodes = torch.empty(b, h, 0, width, dtype=torch.uint8, device=dev)
-        self.kscale = torch.empty(b, h, 0, d, dtype=half, device=dev)
-        self.kzero = torch.empty_like(self.kscale)
-        self.kblock = torch.empty(b, h, 0, dtype=torch.int16, device=dev)
-        if not self.reindex:
-            self.kpos = torch.empty(b, h, 0, dtype=torch.int32, device=dev)
-        self.vscale = torch.empty(b, h, 0, d // self.vgroup, dtype=half, device=dev)
-        self.vzero = torch.empty_like(self.vscale)
+        self.body.start(b, h, d, key_states.device)
         self.rkeys = key_states.new_empty(b, h, 0, d)
         self.rvalues = key_states.new_empty(b, h, 0, d)
-        self.skeys = key_states.new_empty(b, h, 0, d)
+        self.skeys = key_states.new_empty(b, h, 0, d, dtype=torch.float32)
         self.svalues = key_states.new_empty(b, h, 0, d)
         if self.needs_scores:
-            self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=dev)
+            self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=key_states.device)
 
     def _quantize_oldest(self, m: int) -> None:
-        """Move the residual's oldest ``m`` tokens (a multiple of G) into the body."""
-        b, h, _, d = self.rkeys.shape
-        k, v = self.rkeys[:, :, :m], self.rvalues[:, :, :m]
-        qk = quantize(k, self.bits, axis=2, group_size=self.group_size)  # codes in (B, h, D, m) order
-        kc = unpack(qk.data, self.bits, k.numel()).view(b, h, d, m).transpose(2, 3)  # (B, h, m, D)
-        qv = quantize(v, self.bits, axis=3, group_size=self.vgroup)  # codes already in (B, h, m, D) order
-        width = d * self.bits // 8
-        self.kcodes = torch.cat((self.kcodes, pack(kc.contiguous(), self.bits).view(b, h, m, width)), dim=2)
-        self.vcodes = torch.cat((self.vcodes, qv.data.view(b, h, m, width)), dim=2)
-        rows = self.kscale.shape[2] + torch.arange(m, device=k.device) // self.group_size
-        self.kblock = torch.cat((self.kblock, rows.to(torch.int16).expand(b, h, m)), dim=2)
-        self.kscale = torch.cat((self.kscale, qk.scale.transpose(2, 3)), dim=2)  # (B, h, m/G, D)
-        self.kzero = torch.cat((self.kzero, qk.zero.transpose(2, 3)), dim=2)
-        self.vscale = torch.cat((self.vscale, qv.scale), dim=2)  # (B, h, m, D/Gv)
-        self.vzero = torch.cat((self.vzero, qv.zero), dim=2)
-        if self.kpos is not None:  # the residual's oldest m tokens sit at seen - r .. seen - r + m - 1
-            first = self.seen - self.residual_length
-            pos = torch.arange(first, first + m, dtype=torch.int32, device=k.device).expand(b, h, m)
-            self.kpos = torch.cat((self.kpos, pos), dim=2)
+        """Move the residual's oldest ``m`` tokens (a multiple of G) into the body, un-rotated from their true
+        positions ``seen - r ..``."""
+        first = self.seen - self.residual_length
+        k = self.rkeys[:, :, :m]
+        k = k if self.rotary is None else self.rotary.shift_range(k, first, -1, torch.float32)
+        self.body.add(k, self.rvalues[:, :, :m], first)
         self.rkeys, self.rvalues = self.rkeys[:, :, m:].clone(), self.rvalues[:, :, m:].clone()
-
-    def _dequantized_body(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-RoPE keys and values of the body, ``(B, h, T, D)`` in the residual's dtype."""
-        b, h, t, _ = self.kcodes.shape
-        d, g, gv = self.rkeys.shape[-1], self.group_size, self.vgroup
-        dtype = self.rkeys.dtype
-        if t == 0:
-            empty = self.rkeys.new_empty(b, h, 0, d)
-            return empty, empty
-        kc = unpack(self.kcodes, self.bits, b * h * t * d).view(b, h, t, d).float()
-        if self.kscale.shape[2] * g == t:  # every block whole: token i uses row i // G
-            keys = (kc.view(b, h, t // g, g, d) * self.kscale.float()[:, :, :, None]
-                    + self.kzero.float()[:, :, :, None]).view(b, h, t, d)
-        else:
-            rows = self.kblock.long()[..., None].expand(b, h, t, d)
-            keys = kc * self.kscale.float().gather(2, rows) + self.kzero.float().gather(2, rows)
-        vc = unpack(self.vcodes, self.bits, b * h * t * d).view(b, h, t, d // gv, gv).float()
-        values = vc * self.vscale.float()[..., None] + self.vzero.float()[..., None]  # (B, h, T, D/Gv, Gv)
-        return keys.to(dtype), values.view(b, h, t, d).to(dtype)
-
-    def _compact_scales(self, lazy: bool) -> None:
-        """Drop the key-scale rows no kept token uses; renumber ``kblock``. Heads keep their live rows
-        in time order, padded to the largest count over heads."""
-        rows = self.kscale.shape[2]
-        if lazy and self.seen % self.group_size:
-            return  # compacting reads a count back from the device: a decode step does it once every G steps
-        idx = self.kblock.long()  # (B, h, T)
-        live = torch.zeros(*idx.shape[:2], rows, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
-        count = int(live.sum(-1).max()) if idx.numel() else 0
-        if count == rows:
-            return
-        order = torch.argsort((~live).to(torch.uint8), dim=-1, stable=True)[..., :count]  # live rows first
-        self.kblock = (live.cumsum(-1) - 1).gather(2, idx).to(torch.int16)
-        take = order[..., None].expand(-1, -1, -1, self.kscale.shape[-1])
-        self.kscale, self.kzero = self.kscale.gather(2, take), self.kzero.gather(2, take)

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 
 
+TABLE_POSITIONS = 1 << 16  # cos/sin rows a Rotary keeps at most (positions beyond are computed when needed)
+
+
 class Rotary:
     """Rotates keys by a number of positions with a model's RoPE frequencies.
 
@@ -20,20 +23,74 @@ class Rotary:
     (transformers' ``rotate_half`` convention), the rest are left alone (partial rotary). A RoPE
     whose cos/sin carry an attention factor (YaRN) is still a rotation times that factor, which a
     stored key already carries: shifting it needs the frequencies only.
+
+    The cos/sin of positions ``0..m-1`` are kept in a float32 table (``m`` grows by doubling, up to
+    :data:`TABLE_POSITIONS`: 16 MiB for head_dim 64), as inference engines keep a cos/sin cache: a decode
+    step then reads its rows instead of computing sines. They are the values a rotation computes
+    itself (``cos(p * inv_freq)``), so reading them changes no bit.
     """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
+        self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def shift(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``keys (..., n, D)`` rotated by ``delta`` positions (an int tensor broadcasting to ``(..., n)``),
-        computed in float32 and returned in the keys' dtype. A zero ``delta`` returns the key unchanged."""
-        inv = self.inv_freq.to(keys.device)
-        half = inv.numel()
-        ang = delta.to(keys.device, torch.float32)[..., None] * inv  # (..., n, rot/2)
-        cos, sin = ang.cos(), ang.sin()
-        k1, k2 = keys[..., :half].float(), keys[..., half:2 * half].float()
-        out = keys.clone()
-        out[..., :half] = k1 * cos - k2 * sin  # transformers' rotate_half convention
-        out[..., half:2 * half] = k2 * cos + k1 * sin
+    def shift(self, keys: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None,
+              bound: int | None = None) -> torch.Tensor:
+        """``keys (..., n, D)`` rotated by ``delta`` positions (an int tensor broadcasting to ``(..., n)``;
+        ``bound``: if given, every delta is in ``[0, bound)``), computed in float32 and returned in ``dtype``
+        (default: the keys' dtype). A zero ``delta`` returns the key unchanged."""
+        if bound is not None and bound <= TABLE_POSITIONS:
+            cos, sin = self._rows(bound, keys.device)
+            delta = delta.to(keys.device, torch.long)
+            return self._rotate(keys, cos[delta], sin[delta], 1, dtype or keys.dtype)
+        ang = delta.to(keys.device, torch.float32)[..., None] * self._inv(keys.device)  # (..., n, rot/2)
+        return self._rotate(keys, ang.cos(), ang.sin(), 1, dtype or keys.dtype)
+
+    def shift_range(self, keys: torch.Tensor, start: int, sign: int = 1, dtype: torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """``keys (..., n, D)`` rotated by ``sign * (start + i)`` for the key at index ``i`` (``sign`` -1 un-rotates
+        keys that sit at positions ``start..start+n-1``): :meth:`shift` without a position tensor on the host.
+        ``out``: a tensor of the result's shape to write it into (its dtype, else ``dtype``)."""
+        n = keys.shape[-2]
+        if 0 <= start and start + n <= TABLE_POSITIONS:
+            cos, sin = self._rows(start + n, keys.device)
+            cos, sin = cos[start:start + n], sin[start:start + n]
+        else:
+            pos = torch.arange(start, start + n, dtype=torch.float32, device=keys.device)  # exact below 2**24
+            ang = torch.outer(pos, self._inv(keys.device))  # (n, rot/2)
+            cos, sin = ang.cos(), ang.sin()
+        return self._rotate(keys, cos, sin, sign, dtype or keys.dtype, out)
+
+    def _inv(self, device: torch.device) -> torch.Tensor:
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
+    def _rows(self, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table's cos and sin, ``(>= m, rot/2)`` float32 each."""
+        table = self._table.get(device)
+        if table is None or table[0].shape[0] < m:
+            size = min(TABLE_POSITIONS, max(m, 2 * (table[0].shape[0] if table else 512)))
+            ang = torch.outer(torch.arange(size, dtype=torch.float32, device=device), self._inv(device))
+            table = self._table[device] = (ang.cos(), ang.sin())
+        return table
+
+    @staticmethod
+    def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int, dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """``keys`` rotated by the angles whose ``cos``/``sin`` are given (``(..., n, rot/2)``; ``sign`` -1: by
+        minus those angles) in float32 (transformers' ``rotate_half`` convention), rounded once to ``dtype`` (or
+        written into ``out``)."""
+        half = cos.shape[-1]
+        k = keys.float()
+        k1, k2 = k[..., :half], k[..., half:2 * half]
+        out = torch.empty(keys.shape, dtype=dtype, device=keys.device) if out is None else out
+        if sign > 0:
+            torch.sub(k1 * cos, k2 * sin, out=out[..., :half])
+            torch.add(k2 * cos, k1 * sin, out=out[..., half:2 * half])
+        else:  # cos(-a) = cos(a) and sin(-a) = -sin(a), bit for bit
+            torch.add(k1 * cos, k2 * sin, out=out[..., :half])
+            torch.sub(k2 * cos, k1 * sin, out=out[..., half:2 * half])
+        if 2 * half < k.shape[-1]:  # partial rotary: the other channels pass through
+            out[..., 2 * half:] = keys[..., 2 * half:]
         return out

@@ -1,0 +1,160 @@
+"""The quantized tokens of a quantized segment: KIVI codes and scales in time order (pure torch, any device).
+
+Keys are quantized **per channel** in blocks of ``group_size`` tokens (every (head, channel) has a scale and
+zero point per block), values **per token** in groups of ``min(group_size, D)`` channels; asymmetric,
+round-to-nearest, float16 scales (:mod:`kvlab.quant`). Layout (cheap tensor ops to append blocks or drop
+tokens, no lists of tensors)::
+
+    kcodes, vcodes   (B, h, T, D * bits / 8)  uint8, codes packed along the channel axis
+    kscale, kzero    (B, h, NB, D)            float16, one row per block of G tokens (per channel)
+    kblock           (B, h, T)                int16, the row of kscale each token uses
+    kpos             (B, h, T)                int32 true positions, only when positions are kept (no re-indexing)
+    vscale, vzero    (B, h, T, D / Gv)        float16, one per Gv channels per token
+
+Dropping a token leaves the codes of its block's other tokens valid under the block's key scales, so tokens
+are dropped one by one (:meth:`QuantBody.keep`, :meth:`QuantBody.keep_last`); a block's scale row lives as
+long as one of its tokens does (:meth:`QuantBody.compact`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvlab.errors import KvlabError
+from kvlab.quant import pack, quantize, unpack
+
+PER_TOKEN = ("kcodes", "vcodes", "vscale", "vzero", "kblock", "kpos")  # tensors with one entry per token (axis 2)
+ALL = PER_TOKEN + ("kscale", "kzero")
+
+
+class QuantBody:
+    """Quantized keys (before RoPE) and values of ``T`` tokens of ``h`` heads, in time order."""
+
+    def __init__(self, bits: int, group_size: int, positions: bool):
+        if bits not in (2, 4, 8):
+            raise KvlabError(f"quantized storage needs bits 2, 4 or 8, got {bits}")
+        self.bits, self.group_size, self.positions = bits, group_size, positions
+        self.clear()
+
+    def clear(self) -> None:
+        self.kcodes = self.vcodes = self.kscale = self.kzero = self.kblock = self.vscale = self.vzero = None
+        self.kpos: torch.Tensor | None = None
+
+    def start(self, b: int, h: int, d: int, device: torch.device) -> None:
+        """Empty tensors for ``b`` rows of ``h`` heads of ``d`` channels."""
+        self.vgroup = min(self.group_size, d)
+        if (d * self.bits) % 8 or d % self.vgroup:
+            raise KvlabError(f"head_dim {d} cannot be packed at {self.bits} bits in value groups of {self.vgroup} "
+                             f"channels; choose a group_size that divides {d}")
+        half, width = torch.float16, d * self.bits // 8
+        per = 8 // self.bits  # codes per byte; byte -> its codes as one wider integer, read back as bytes
+        codes = (torch.arange(256)[:, None] >> torch.arange(0, 8, self.bits)) & ((1 << self.bits) - 1)
+        wide = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[per]
+        self._table = codes.to(torch.uint8).contiguous().view(wide).view(256).to(device)
+        self.kcodes = torch.empty(b, h, 0, width, dtype=torch.uint8, device=device)
+        self.vcodes = torch.empty(b, h, 0, width, dtype=torch.uint8, device=device)
+        self.kscale = torch.empty(b, h, 0, d, dtype=half, device=device)
+        self.kzero = torch.empty_like(self.kscale)
+        self.kblock = torch.empty(b, h, 0, dtype=torch.int16, device=device)
+        if self.positions:
+            self.kpos = torch.empty(b, h, 0, dtype=torch.int32, device=device)
+        self.vscale = torch.empty(b, h, 0, d // self.vgroup, dtype=half, device=device)
+        self.vzero = torch.empty_like(self.vscale)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.kcodes is None else self.kcodes.shape[2]
+
+    def nbytes(self) -> tuple[int, int]:
+        """Bytes of the packed codes; of the scales, zero points, block rows (and positions)."""
+        codes = self.kcodes.nbytes + self.vcodes.nbytes if self.kcodes is not None else 0
+        scales = sum(getattr(self, n).nbytes for n in ("kscale", "kzero", "kblock", "kpos", "vscale", "vzero")
+                     if getattr(self, n) is not None)
+        return codes, scales
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` (a batch-axis reorder / repeat / select) to every tensor."""
+        for name in ALL:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        """Quantize ``keys`` (before RoPE) and ``values`` ``(B, h, m, D)``, m a multiple of G, at true positions
+        ``first..first+m-1``, as the newest tokens."""
+        b, h, m, d = keys.shape
+        bits, width = self.bits, d * self.bits // 8
+        qk = quantize(keys, bits, axis=2, group_size=self.group_size)  # codes in (B, h, D, m) order
+        kc = unpack(qk.data, bits, keys.numel()).view(b, h, d, m).transpose(2, 3)  # (B, h, m, D), once per block
+        qv = quantize(values, bits, axis=3, group_size=self.vgroup)  # codes already in (B, h, m, D) order
+        self.kcodes = torch.cat((self.kcodes, pack(kc.contiguous(), bits).view(b, h, m, width)), dim=2)
+        self.vcodes = torch.cat((self.vcodes, qv.data.view(b, h, m, width)), dim=2)
+        rows = self.kscale.shape[2] + torch.arange(m, device=keys.device) // self.group_size
+        self.kblock = torch.cat((self.kblock, rows.to(torch.int16).expand(b, h, m)), dim=2)
+        self.kscale = torch.cat((self.kscale, qk.scale.transpose(2, 3)), dim=2)  # (B, h, m/G, D)
+        self.kzero = torch.cat((self.kzero, qk.zero.transpose(2, 3)), dim=2)
+        self.vscale = torch.cat((self.vscale, qv.scale), dim=2)  # (B, h, m, D/Gv)
+        self.vzero = torch.cat((self.vzero, qv.zero), dim=2)
+        if self.kpos is not None:
+            pos = torch.arange(first, first + m, dtype=torch.int32, device=keys.device).expand(b, h, m)
+            self.kpos = torch.cat((self.kpos, pos), dim=2)
+
+    def dequantize(self, keys: torch.Tensor | None = None,
+                   values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (before RoPE, float32) and values, ``(B, h, T, D)`` each; written into ``keys`` / ``values`` when
+        given (views of larger buffers, so no copy follows), computed in float32 and stored in their dtype."""
+        b, h, t, _ = self.kcodes.shape
+        d, g, gv = self.kscale.shape[-1], self.group_size, self.vgroup
+        keys = torch.empty(b, h, t, d, device=self.kcodes.device) if keys is None else keys
+        values = torch.empty(b, h, t, d, device=self.kcodes.device) if values is None else values
+        kc = self._unpack(self.kcodes).float()
+        nb = self.kscale.shape[2]
+        if nb * g == t:  # every block whole: token i uses row i // G
+            torch.add(kc.view(b, h, nb, g, d) * self.kscale.float()[:, :, :, None], self.kzero.float()[:, :, :, None],
+                      out=keys.view(b, h, nb, g, d))
+        else:  # each token's row, as one index into the (B * h * NB) rows: a row copy, not a per-element gather
+            rows = (self.kblock.long() + torch.arange(0, b * h * nb, nb, device=kc.device).view(b, h, 1)).flatten()
+            scale = self.kscale.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d)
+            torch.add(kc * scale, self.kzero.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d), out=keys)
+        vc = self._unpack(self.vcodes).view(b, h, t, d // gv, gv).float()
+        torch.add(vc * self.vscale.float()[..., None], self.vzero.float()[..., None], out=values.view(b, h, t, d // gv, gv))
+        return keys, values
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Codes ``(..., W * 8 / bits)`` uint8 of packed bytes ``(..., W)`` (the layout of :func:`kvlab.quant.pack`:
+        code ``i`` of a byte in bits ``[bits * i, bits * (i + 1))``): one table lookup per byte."""
+        if self.bits == 8:
+            return packed
+        return self._table.index_select(0, packed.flatten().int()).view(torch.uint8).view(*packed.shape[:-1], -1)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep the tokens at ``idx (B, h, k)`` (increasing): per-head choices."""
+        for name in PER_TOKEN:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(*idx.shape,
+                                                                                            t.shape[-1])))
+
+    def keep_last(self, k: int) -> None:
+        """Keep the newest ``k`` tokens (a positional scorer's window): slices, no index tensor."""
+        drop = self.length - k
+        for name in PER_TOKEN:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[:, :, drop:].clone())  # a copy, so the dropped tokens' memory is freed
+
+    def compact(self) -> None:
+        """Drop the key-scale rows no kept token uses; renumber ``kblock``. Heads keep their live rows in
+        time order, padded to the largest count over heads. Reads a count back from the device."""
+        rows = self.kscale.shape[2]
+        idx = self.kblock.long()  # (B, h, T)
+        live = torch.zeros(*idx.shape[:2], rows, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+        count = int(live.sum(-1).max()) if idx.numel() else 0
+        if count == rows:
+            return
+        order = torch.argsort((~live).to(torch.uint8), dim=-1, stable=True)[..., :count]  # live rows first
+        self.kblock = (live.cumsum(-1) - 1).gather(2, idx).to(torch.int16)
+        take = order[..., None].expand(-1, -1, -1, self.kscale.shape[-1])
+        self.kscale, self.kzero = self.kscale.gather(2, take), self.kzero.gather(2, take)
