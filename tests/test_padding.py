@@ -9,8 +9,6 @@ import torch
 from transformers import DynamicCache
 
 from kvlab.cache import make_cache
-from kvlab.errors import KvlabError
-from kvlab.methods import get
 from method_table import LOSSLESS, TIGHT
 
 LENGTHS = (14, 9, 5)  # three prompts, left-padded to 14
@@ -34,10 +32,6 @@ def _left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
-def _quantized(spec: str) -> bool:
-    return get(spec.split(":")[0]).__name__ in ("HAQ", "Quant")
-
-
 def _generate(model, ids, mask, spec):
     cache = make_cache(model, spec) if spec else DynamicCache(config=model.config)
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False,
@@ -55,10 +49,6 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_llama, tmp_path, method
     spec = table[method](max(LENGTHS) + NEW, tmp_path, model)
     prompts = _prompts()
     ids, mask = _left_padded(prompts)
-    if _quantized(spec):  # not yet: one clear error, before anything is generated
-        with pytest.raises(KvlabError, match="padded batches"):
-            _generate(model, ids, mask, spec)
-        return
     tokens, logits = _generate(model, ids, mask, spec)
     if method in BATCH_POLICY and budget == "tight":
         assert torch.isfinite(logits).all()
@@ -66,6 +56,21 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_llama, tmp_path, method
     for i, p in enumerate(prompts):
         alone_tokens, alone_logits = _generate(model, p[None], torch.ones(1, len(p), dtype=torch.long), spec)
         steps = alone_tokens.shape[1]  # alone, a row may end early (end of sequence); the batch pads it
+        assert torch.equal(tokens[i, :steps], alone_tokens[0])
+        assert (logits[i, :steps] - alone_logits[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,group_size=4,residual=4", "quant:bits=2,group_size=2,residual=1"])
+def test_quantized_padded_rows_quantize_as_alone(tiny_llama, spec):
+    """Quantized storage counts a row's real tokens (its key blocks, residual, sinks): a padded batch is stored
+    one row at a time, and every row's blocks hold the tokens they hold alone."""
+    model = copy.deepcopy(tiny_llama)
+    prompts = _prompts()
+    ids, mask = _left_padded(prompts)
+    tokens, logits = _generate(model, ids, mask, spec)
+    for i, p in enumerate(prompts):
+        alone_tokens, alone_logits = _generate(model, p[None], torch.ones(1, len(p), dtype=torch.long), spec)
+        steps = alone_tokens.shape[1]
         assert torch.equal(tokens[i, :steps], alone_tokens[0])
         assert (logits[i, :steps] - alone_logits[0]).abs().max() <= 1e-4
 
@@ -94,7 +99,8 @@ def test_right_padding_in_one_forward_pass_matches_plain_transformers(tiny_llama
     assert (ours[real] - ref[real]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("spec", ["full", "streaming:sinks=2,window=10", "h2o:budget=12,recent=3"])
+@pytest.mark.parametrize("spec", ["full", "streaming:sinks=2,window=10", "h2o:budget=12,recent=3",
+                                  "quant:bits=4,group_size=4,residual=4"])
 def test_beam_search_and_several_sequences_match_plain_transformers(tiny_llama, spec):
     model = copy.deepcopy(tiny_llama)
     ids, mask = _left_padded(_prompts()[:2])

@@ -2,7 +2,8 @@
 
 ``plan``: the types a method hands over (layer info, head groups, the scorer protocol);
 ``rope``: exact re-rotation of keys; ``attention``: masked, blocked attention;
-``base``: the storage contract; ``dense`` and ``quantized``: its two implementations.
+``base``: the storage contract; ``dense`` and ``quantized`` (with ``codes``): its two implementations;
+``rows``: one storage per batch row once padding arrives (quantized storage keeps no padding).
 """
 
 from kvlab.storage.base import Storage, keep_indices
@@ -10,11 +11,15 @@ from kvlab.storage.dense import Segment
 from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, WIDTHS, Group, LayerInfo, QuantGroup, RecentWindow, Scorer
 from kvlab.storage.quantized import QuantSegment
 from kvlab.storage.rope import Rotary
+from kvlab.storage.rows import RowSplit
 
 __all__ = ["GROUP_SIZE", "RESIDUAL", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment", "RecentWindow",
-           "Rotary", "Scorer", "Segment", "Storage", "keep_indices", "make_segment"]
+           "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "keep_indices", "make_segment"]
 
 
 def make_segment(group: Group, rotary: Rotary | None) -> Storage:
-    """The storage for a group: dense for 16 bits, KIVI-quantized (:mod:`kvlab.storage.quantized`) below."""
-    return Segment(group, rotary) if group.bits >= 16 else QuantSegment(group, rotary)
+    """The storage for a group: dense for 16 bits, KIVI-quantized (:mod:`kvlab.storage.quantized`) below, one per
+    batch row once a padded batch arrives (:mod:`kvlab.storage.rows`)."""
+    if group.bits >= 16:
+        return Segment(group, rotary)
+    return RowSplit(lambda: QuantSegment(group, rotary))

@@ -69,7 +69,8 @@ class QuantSegment:
     """The kept tokens of one group of KV heads, quantized (see the module docstring).
 
     Implements :class:`~kvlab.storage.base.Storage`. ``keys`` and ``values`` read as dense ``(B, h, n, D)``
-    tensors (keys rotated to their positions). Padded batches are refused (not yet supported).
+    tensors (keys rotated to their positions). It stores no padding: a padded batch is stored one row at a time
+    (:class:`~kvlab.storage.rows.RowSplit`, which :func:`~kvlab.storage.make_segment` puts around it).
     """
 
     def __init__(self, group: Group, rotary: Rotary | None):
@@ -203,8 +204,8 @@ class QuantSegment:
     def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Evict down to the budget, then add ``(B, h, q, D)`` new keys and values (see :meth:`append`)."""
         if valid is not None and not bool(valid.all()):  # once per padded chunk, never in a decode step
-            raise KvlabError("quantized storage (haq, quant) does not support padded batches yet: run the prompts "
-                             "one at a time, or use a 16-bit method")
+            raise KvlabError("a quantized segment stores no padding: wrap it in kvlab.storage.RowSplit (make_segment "
+                             "does), which stores a padded batch one row at a time")
         self.compress(lazy=key_states.shape[-2] == 1)
         self.append(key_states, value_states)
 
