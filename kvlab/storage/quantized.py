@@ -20,7 +20,7 @@ Sinks. A group whose scorer always keeps the first tokens (StreamingLLM's attent
 ``sinks``) can keep them in full precision (``QuantGroup.exact_sinks``): they take a large share of
 every query's attention, so their quantization error reaches every output. On SmolLM2 (pydoc, 2048
 tokens, budget 512, ``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bring perplexity from
-+12.3% to +6.6% of the full cache's, for 2 KiB per head. KVQuant (below) and IntactKV (Liu et al.
++11.9% to +6.4% of the full cache's, for 2 KiB per head. KVQuant (below) and IntactKV (Liu et al.
 2024) keep the first token's KV in full precision for the same reason. Kept tokens read in the
 order sinks, body, residual.
 
