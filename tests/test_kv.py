@@ -165,3 +165,25 @@ def test_h2o_slot_writes_keep_what_copying_keeps(tiny_llama):
     values = slotted.values  # read in time order (the slots are sorted back by true position)
     assert torch.equal(slotted.age, copied.age)  # the same tokens kept
     assert torch.allclose(values, copied.values, atol=1e-5) and torch.allclose(slotted.scores, copied.scores, atol=1e-5)
+
+
+def test_growing_keys_and_values_append_into_spare_room_and_release_it_on_eviction():
+    """A segment that only grows writes each step into room behind its keys (no copy of the cache), holds
+    exactly what concatenation would hold, reserves at most an eighth plus ROOM tokens, and frees it on eviction."""
+    from kvlab.storage.inplace import ROOM
+
+    g = torch.Generator().manual_seed(11)
+    k, v = torch.randn(1, 2, 300, D, generator=g), torch.randn(1, 2, 300, D, generator=g)
+    seg = Segment(Group(heads=(0, 1), budget=250, scorer=H2O(budget=250, recent=10)), Rotary(INV_FREQ))
+    seg.push(k[:, :, :40], v[:, :, :40])
+    buffers = set()
+    for t in range(40, 250):  # decode steps while the budget is not reached: no eviction yet
+        seg.push(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        buffers.add(seg._room["_k"].data_ptr())
+        assert seg.reserved_nbytes() <= 2 * 2 * (seg.length // 8 + ROOM) * D * 4
+    assert torch.equal(seg.keys, k[:, :, :250]) and torch.equal(seg.values, v[:, :, :250])
+    assert len(buffers) <= 5  # reallocated a few times in 210 steps, not at every step
+    assert seg.nbytes() == 2 * 2 * 250 * D * 4  # the kept tokens only
+    for t in (250, 251):  # the budget is reached: steps evict (here in place, in a slot); the room is released
+        seg.push(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert seg.reserved_nbytes() == 0 and not seg._room and seg.length == 251

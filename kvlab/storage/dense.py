@@ -66,6 +66,7 @@ class Segment(InPlaceSteps):
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
         self._scrambled = False  # slot writes broke time order (the true positions in _pos restore it)
+        self._room: dict[str, torch.Tensor] = {}  # buffers with spare room behind _k and _v (see inplace.py)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -126,6 +127,7 @@ class Segment(InPlaceSteps):
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to every stored tensor (the ring order is the same for every row, so it is kept)."""
+        self._room.clear()
         for name in (*PER_TOKEN, "_src", "_real"):
             t = getattr(self, name)
             if t is not None:
@@ -222,10 +224,11 @@ class Segment(InPlaceSteps):
                 setattr(self, name, t)
             return
         if budget is None or n <= budget:
-            if new:
-                for name, t in new.items():
-                    setattr(self, name, torch.cat((getattr(self, name), t), dim=2))
+            for name, t in new.items():  # keys and values grow into spare room, the small bookkeeping by a copy
+                grown = self._extend(name, t) if name in ("_k", "_v") else torch.cat((getattr(self, name), t), dim=2)
+                setattr(self, name, grown)
             return
+        self._room.clear()  # evicting makes new tensors: the buffers behind the old ones are released
         runs = None if self._valid is not None else self.group.scorer.runs(n)
         if runs is not None and (self.prefix == 0 or runs[0] == (0, self.prefix)):
             if self.prefix and self._src is None:

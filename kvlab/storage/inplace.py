@@ -9,6 +9,13 @@ Slots. A scorer whose scores do not depend on the order of the kept tokens (``or
 pooling) does the same at any slot: the new token takes the place of the lowest-scoring one, found by
 one ``argmin``, and each kept token's true position (``_pos``) says its age.
 
+Room to grow. A segment that only grows (the full cache, any method while it fills its budget) appends
+its keys and values into spare room at the end of a larger buffer instead of concatenating, which
+would copy the whole cache at every step: the room is ``max(ROOM, n / 8)`` tokens, so a decode step
+copies one token and a reallocation happens once every ``ROOM`` steps or more. :meth:`nbytes` counts
+the kept tokens; the room is reserved memory, at most 1/8 of the kept keys and values plus ``ROOM``
+tokens, and is counted by :meth:`reserved_nbytes`.
+
 Readers that need time order (``keys``/``values``, chunks of several tokens, scorers that pool over
 neighbours, :meth:`dense`) call :meth:`InPlaceSteps._unroll` first: one copy.
 """
@@ -20,6 +27,7 @@ import torch
 from kvlab.storage.base import gather_tokens
 
 PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # the dense segment's tensors with a token axis 2
+ROOM = 64  # tokens of spare room, at least, when keys and values grow (see "Room to grow")
 
 
 class InPlaceSteps:
@@ -38,6 +46,7 @@ class InPlaceSteps:
         start = runs[0][1] if len(runs) == 2 else 0
         if runs[-1] != (start + 1, n) or (self.prefix and start != self.prefix):
             return False
+        self._settle()
         if start != self._start:
             self._unroll()
             self._start = start
@@ -59,6 +68,7 @@ class InPlaceSteps:
         budget, n = self.group.budget, self.length
         if not self.slots or budget is None or n != budget + 1:
             return False
+        self._settle()
         b, h, _, d = self._k.shape
         victim = self.group.scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)  # (B, h, 1)
         self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
@@ -69,8 +79,36 @@ class InPlaceSteps:
         self._scrambled = True
         return True
 
+    def _extend(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """``getattr(self, name)`` with ``new (B, h, q, ...)`` appended on the token axis: written into the
+        spare room of its buffer when it is a view of that buffer's start with room left, else into a new
+        buffer with room."""
+        t, buf = getattr(self, name), self._room.get(name)
+        n, q = t.shape[2], new.shape[2]
+        if (buf is None or buf.shape[2] < n + q or buf.data_ptr() != t.data_ptr() or buf.shape[:2] != t.shape[:2]
+                or buf.stride() != t.stride()):
+            buf = t.new_empty(*t.shape[:2], n + q + max(ROOM, (n + q) // 8), *t.shape[3:])
+            buf[:, :, :n] = t
+            self._room[name] = buf
+        buf[:, :, n:n + q] = new
+        return buf[:, :, :n + q]
+
+    def _settle(self) -> None:
+        """Stop growing (the budget is reached and steps now write in place): keys and values leave their
+        roomy buffers for tensors of their own size, once."""
+        if self._room:
+            self._k, self._v = self._k.clone(), self._v.clone()
+            self._room.clear()
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the spare room behind the kept keys and values (not counted in :meth:`nbytes`)."""
+        return sum(buf.nbytes - getattr(self, name).nbytes for name, buf in self._room.items()
+                   if getattr(self, name) is not None and buf.data_ptr() == getattr(self, name).data_ptr())
+
     def _unroll(self) -> None:
         """Put a turned ring or slot-written tokens back in time order (one copy)."""
+        if self._scrambled or self._head:
+            self._room.clear()  # the tensors are rebuilt below
         if self._scrambled:
             idx = self._pos.argsort(dim=-1)  # (B, h, n): true positions are distinct within a row and head
             for name in PER_TOKEN:
