@@ -246,6 +246,34 @@ def test_memory_target_for_perplexity_is_lower_is_better_and_can_be_unreachable(
     assert t["value"] == pytest.approx(0.6) and t["met"] is False
 
 
+BASELINES = {"snapkv": "SnapKVPress", "pyramidkv": "PyramidKVPress", "adakv": "AdaKVPress(SnapKVPress)",
+             "tova": "TOVAPress", "knorm": "KnormPress", "keydiff": "KeyDiffPress"}
+
+
+def _table_methods(results) -> list[tuple[str, str]]:
+    return [tuple(ln.split()[:3:2]) for ln in figure.text_table(_frame(results)).splitlines()[1:]]
+
+
+def test_each_baseline_press_sits_beside_its_kvlab_method_and_adakv_beside_adakv_when_run():
+    def res(impl, method, ratio=0.5):
+        return _result(impl, method, ratio, quality=1.0, prefill=1, decode_s=1, cache_bytes=100)
+
+    results = [res("kvpress", "none", 0.0), *(res("kvpress", p) for p in BASELINES.values()),
+               *(res("kvlab", m) for m in BASELINES), res("kvlab", "full", 0.0)]
+    pairs = [pair for m, press in BASELINES.items() for pair in (("0.5", m), ("0.5", press))]
+    assert _table_methods(results) == [("0", "full"), ("0", "none"), *pairs]
+    assert [figure.analogue("AdaKVPress(SnapKVPress)", have) for have in ({"adakv", "head-aware"}, {"head-aware"}, ())] \
+        == ["adakv", "head-aware", "adakv"]
+    # a run with head-aware and no adakv: AdaKV sits beside head-aware; the memory target finds AdaKV either way
+    old = [res("kvpress", "AdaKVPress(SnapKVPress)"), res("kvpress", "SnapKVPress"), res("kvlab", "head-aware"),
+           res("kvlab", "snapkv")]
+    assert _table_methods(old) == [("0.5", "head-aware"), ("0.5", "AdaKVPress(SnapKVPress)"), ("0.5", "snapkv"),
+                                   ("0.5", "SnapKVPress")]
+    both = [*results, res("kvlab", "head-aware", 0.75)]
+    assert [t["target"] for t in figure.targets(_frame(both))] == [
+        "kvlab head-aware at AdaKVPress(SnapKVPress)'s accuracy holds <= 1/2 of its bytes"]
+
+
 def test_table_markdown_and_figure(tmp_path):
     results = [_result("kvpress", "StreamingLLMPress", r, quality=1 - r, prefill=1, decode_s=1, cache_bytes=1000 * r)
                for r in (0.25, 0.5)] + [_result("kvlab", "streaming", 0.5, quality=0.5, prefill=1, decode_s=1,

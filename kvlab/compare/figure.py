@@ -16,7 +16,7 @@ The targets of issue 6, each a ratio measured in one run:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,22 @@ from kvlab.lab.frame import is_reference
 from kvlab.lab.plotting import NoData, method_palette
 
 EVAL = "compare_kvpress"
-ANALOGUE = {"StreamingLLMPress": "streaming", "ObservedAttentionPress": "h2o", "AdaKVPress": "head-aware",
-            "none": "full"}
+#: the kvlab methods a kvpress press sits beside, by preference: the first one the run has is its family
+ANALOGUE = {"StreamingLLMPress": ("streaming",), "ObservedAttentionPress": ("h2o",),
+            "AdaKVPress": ("adakv", "head-aware"), "SnapKVPress": ("snapkv",), "PyramidKVPress": ("pyramidkv",),
+            "TOVAPress": ("tova",), "KnormPress": ("knorm",), "KeyDiffPress": ("keydiff",), "none": ("full",)}
 SPEED_PAIRS = (("streaming", "StreamingLLMPress"), ("h2o", "ObservedAttentionPress"))
 MEMORY_METHODS = ("head-aware", "haq")
 MiB = 2**20
 
 
-def analogue(method: str) -> str:
-    """The kvlab method a kvpress press is compared with (its own name when there is none)."""
-    return ANALOGUE.get(method.split("(", 1)[0], method)
+def analogue(method: str, have: Collection[str] = ()) -> str:
+    """The kvlab method a kvpress press is compared with: the first of its counterparts among ``have`` (the kvlab
+    methods of the run), else its first one; a name with no counterpart (a kvlab method's) is its own."""
+    options = ANALOGUE.get(method.split("(", 1)[0])
+    if not options:
+        return method
+    return next((m for m in options if m in have), options[0])
 
 
 def comparison_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -57,7 +63,8 @@ def comparison_frame(df: pd.DataFrame) -> pd.DataFrame:
         "workload_s": col("metric.workload_s"), "cache_bytes": col("metric.cache_bytes"),
         "effective_cache_bytes": col("metric.effective_cache_bytes"), "peak_rss_bytes": col("metric.peak_rss_bytes"),
     })
-    out["family"] = [analogue(m) for m in out["method"]]
+    have = set(out.loc[out["implementation"] == "kvlab", "method"])
+    out["family"] = [analogue(m, have) for m in out["method"]]
     order = _family_order(out)
     out["_order"] = [(r, order[f], impl != "kvlab") for r, f, impl in
                      zip(out["ratio"], out["family"], out["implementation"])]
@@ -96,7 +103,8 @@ def targets(df: pd.DataFrame) -> list[dict[str, Any]]:
             out.append({"target": f"kvlab {mine} no slower than kvpress {theirs}", "ratio": ratio, "value": value,
                         "threshold": ">= 1.0", "met": bool(value >= 1.0),
                         "detail": f"{b['workload_s']:.2f}s / {a['workload_s']:.2f}s per sample ({', '.join(parts)})"})
-    for ada in ok[(ok["implementation"] == "kvpress") & (ok["family"] == "head-aware")].itertuples():
+    adakv = ok["method"].str.split("(").str[0] == "AdaKVPress"
+    for ada in ok[(ok["implementation"] == "kvpress") & adakv].itertuples():
         for mine in MEMORY_METHODS:
             rows = ok[(ok["implementation"] == "kvlab") & (ok["method"] == mine)]
             if rows.empty:
@@ -172,9 +180,9 @@ def markdown(df: pd.DataFrame, *, command: str | None = None, title: str = "kvla
     return "\n".join(lines) + "\n"
 
 
-def _style(method: str, impl: str, palette: dict[str, str]) -> dict[str, Any]:
+def _style(method: str, impl: str, color: str) -> dict[str, Any]:
     """A press in the colour of its kvlab counterpart; solid and round for kvlab, dashed and square for kvpress."""
-    return {"color": palette[analogue(method)], "linestyle": "-" if impl == "kvlab" else "--",
+    return {"color": color, "linestyle": "-" if impl == "kvlab" else "--",
             "marker": "o" if impl == "kvlab" else "s", "label": f"{impl} {method}"}
 
 
@@ -198,7 +206,7 @@ def implementation_comparison(df: pd.DataFrame) -> Figure:
     series = list(ok.groupby(["implementation", "method"], sort=False))
     for i, ((impl, method), part) in enumerate(series):
         part = part.sort_values("ratio")
-        style = _style(str(method), str(impl), palette)
+        style = _style(str(method), str(impl), palette[part["family"].iloc[0]])
         for ax, (col, _) in zip(axes, panels):
             values = part[col] / (MiB if col.endswith("bytes") else 1.0)
             if bars:
