@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.quant import pack, quantize, unpack
+from kvlab.quant import BITS, pack, quantize, unpack
 
 PER_TOKEN = ("kcodes", "vcodes", "vscale", "vzero", "kblock", "kpos")  # tensors with one entry per token (axis 2)
 ALL = PER_TOKEN + ("kscale", "kzero")
@@ -33,7 +33,7 @@ class QuantBody:
     """Quantized keys (before RoPE) and values of ``T`` tokens of ``h`` heads, in time order."""
 
     def __init__(self, bits: int, group_size: int, positions: bool):
-        if bits not in (2, 4, 8):
+        if bits not in BITS:
             raise KvlabError(f"quantized storage needs bits 2, 4 or 8, got {bits}")
         self.bits, self.group_size, self.positions = bits, group_size, positions
         self.clear()
