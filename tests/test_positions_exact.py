@@ -66,3 +66,15 @@ def test_attention_over_the_cache_matches_the_originals_rotated_once(dtype):
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), exact_keys.double(), v[:, :, kept].double(),
                                                            scale=HEAD_DIM ** -0.5)
     assert (ours - ref).abs().max() <= 4 * torch.finfo(dtype).eps * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("delta", [0, 1, 1000, 65_535, 70_000])
+def test_shift_by_one_delta_is_bit_for_bit_shift(dtype, delta):
+    """The ring step's rotation of its sinks (one delta for all, from prepared float32 originals) gives the
+    very bits of the general per-key rotation, inside and beyond the cos/sin table."""
+    rotary = Rotary(INV_FREQ)
+    keys = torch.randn(2, 3, 4, HEAD_DIM, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = torch.zeros_like(keys)
+    rotary.shift_by(rotary.prepare(keys), delta, rotary.rotated(out))
+    assert torch.equal(out, rotary.shift(keys, torch.full((2, 3, 4), delta), bound=delta + 1))

@@ -54,6 +54,7 @@ class KVLayer(CacheLayerMixin):
         # sliding layers keep their window
         self._allocate = allocate if info.sliding_window is None else None
         self._qidx: list[torch.Tensor | slice] = []  # each segment's query heads: a slice where contiguous
+        self._kidx: list[slice | None] = []  # each segment's KV heads as a slice, where contiguous
 
     # -- transformers' layer API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -61,12 +62,13 @@ class KVLayer(CacheLayerMixin):
         g = self.info.num_heads // self.info.num_kv_heads
         for seg in self.segments:
             seg.heads = seg.heads.to(self.device)
-        self._qidx = []
+        self._qidx, self._kidx = [], []
         for seg in self.segments:
             heads = list(seg.group.heads)
             contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
             self._qidx.append(slice(heads[0] * g, (heads[-1] + 1) * g) if contiguous else
                               (seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten())
+            self._kidx.append(slice(heads[0], heads[-1] + 1) if contiguous else None)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -148,8 +150,12 @@ class KVLayer(CacheLayerMixin):
             out = seg.attend(query, scaling, window, softcap, prefix=prefix.segments[0] if prefix else None)
         else:
             out = torch.empty_like(query)
-            for i, (seg, qidx) in enumerate(zip(self.segments, self._qidx)):
-                if pending is not None:
+            # one new token: the storage copies it into its slot, so a view of the layer's new keys will do
+            step = pending is not None and pending[0].shape[2] == 1
+            for i, (seg, qidx, kidx) in enumerate(zip(self.segments, self._qidx, self._kidx)):
+                if step and kidx is not None:
+                    seg.push(pending[0][:, kidx], pending[1][:, kidx], valid)
+                elif pending is not None:
                     seg.push(pending[0].index_select(1, seg.heads), pending[1].index_select(1, seg.heads), valid)
                 q = query[:, qidx] if isinstance(qidx, slice) else query.index_select(1, qidx)
                 out[:, qidx] = seg.attend(q, scaling, window, softcap, prefix=prefix.segments[i] if prefix else None)

@@ -63,9 +63,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
     h, n = keys.shape[1], keys.shape[2]
     g = hq // h
     plain = softcap is None and not need_probs
+    unmasked = q == 1 and valid is None and not visible and (window is None or n <= window)
     if plain and valid is None and not visible:
-        sees_all = window is None or n <= window
-        if q == 1 and sees_all:  # one query, nothing masked: keys in any order
+        if unmasked:  # one query, nothing masked: keys in any order
             return F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=g > 1), None
         if q == n and window is None:  # nothing cached: sdpa's own causal kernel, no mask
             return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
@@ -76,7 +76,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
     first_observed = 0 if observed is None else max(0, q - observed)
     for start in range(0, q, rows):
         stop = min(q, start + rows)
-        mask = block_mask(start, stop, q, n, visible=visible, window=window, valid=valid, device=query.device)
+        mask = None if unmasked else block_mask(start, stop, q, n, visible=visible, window=window, valid=valid,
+                                                device=query.device)
         if plain:
             m = mask if mask.dim() == 2 else mask[:, :, None].expand(b, h, g, *mask.shape[-2:]).flatten(1, 2)
             out[:, :, start:stop] = F.scaled_dot_product_attention(query[:, :, start:stop], keys, values, attn_mask=m,
@@ -88,7 +89,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         logits.mul_(scaling)
         if softcap is not None:
             logits.div_(softcap).tanh_().mul_(softcap)
-        logits.view(b, h, g, rows_, n).masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
+        if mask is not None:
+            logits.view(b, h, g, rows_, n).masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
         probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
         del logits
         out[:, :, start:stop] = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)

@@ -61,6 +61,10 @@ class Segment(InPlaceSteps):
         self._pos: torch.Tensor | None = None  # (B, h, n) int64 true positions (re-indexing, scored eviction)
         self._valid: torch.Tensor | None = None  # (B, h, n) bool, once padding was seen
         self._src: torch.Tensor | None = None  # (B, h, prefix, D) original keys of the prefix slots
+        self._src_fixed = False  # _src holds the stream's first tokens, which never leave the prefix slots
+        # (_src, _k, _src ready to rotate, the rotated view of _k's prefix): Rotary.shift_by's inputs, kept while
+        # _src and _k are the same tensors
+        self._prepared: tuple[torch.Tensor, ...] | None = None
         self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
         self.seen = 0  # tokens fed (padding included)
@@ -119,7 +123,7 @@ class Segment(InPlaceSteps):
 
     def nbytes(self) -> int:
         """Bytes of the kept keys and values, plus the exact originals of moved keys (re-indexing only)."""
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._src) if t is not None)
+        return sum(t.nbytes for t in (self._k, self._v, self._src) if t is not None)
 
     def source_nbytes(self) -> int:
         """Bytes of the exact originals kept for moved keys (StreamingLLM: its sinks), part of :meth:`nbytes`."""
@@ -233,6 +237,7 @@ class Segment(InPlaceSteps):
         if runs is not None and (self.prefix == 0 or runs[0] == (0, self.prefix)):
             if self.prefix and self._src is None:
                 self._src = self._k[:, :, :self.prefix].clone()  # originals: nothing has moved yet
+                self._src_fixed = True
             for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:
@@ -248,7 +253,7 @@ class Segment(InPlaceSteps):
             keep = keep_indices(score, budget)  # (budget,) or (B, h, budget)
         keep = keep.expand(*self._k.shape[:2], -1) if keep.dim() == 1 else keep
         if self.prefix:
-            self._src = self._gather_originals(keep[..., :self.prefix])
+            self._src, self._src_fixed = self._gather_originals(keep[..., :self.prefix]), False
         for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
@@ -271,6 +276,14 @@ class Segment(InPlaceSteps):
             return
         m = min(self._src.shape[2], self.length)
         n = self.length
+        if self._src_fixed and self._valid is None:  # tokens 0..m-1 at frame seen-n..: all move by seen - n
+            src, k, prepared, out = self._prepared or (None, None, None, None)
+            if src is not self._src or k is not self._k or out.shape[2] != m:
+                prepared = self.rotary.prepare(self._src[:, :, :m])
+                out = self.rotary.rotated(self._k[:, :, :m])
+                self._prepared = (self._src, self._k, prepared, out)
+            self.rotary.shift_by(prepared, self.seen - n, out)
+            return
         if self._valid is None:
             frame = torch.arange(self.seen - n, self.seen - n + m, device=self.device)
         else:

@@ -51,7 +51,7 @@ class InPlaceSteps:
             self._unroll()
             self._start = start
         if self.prefix and self._src is None:
-            self._src = self._k[:, :, :self.prefix].clone()
+            self._src, self._src_fixed = self._k[:, :, :self.prefix].clone(), True
         slot = start + self._head
         self._k[:, :, slot] = key[:, :, 0]
         self._v[:, :, slot] = value[:, :, 0]
@@ -101,9 +101,11 @@ class InPlaceSteps:
             self._room.clear()
 
     def reserved_nbytes(self) -> int:
-        """Bytes of the spare room behind the kept keys and values (not counted in :meth:`nbytes`)."""
-        return sum(buf.nbytes - getattr(self, name).nbytes for name, buf in self._room.items()
+        """Bytes not counted in :meth:`nbytes`: the spare room behind the kept keys and values, and the float32
+        copies of the moved keys' originals that a ring step rotates (a few sinks)."""
+        room = sum(buf.nbytes - getattr(self, name).nbytes for name, buf in self._room.items()
                    if getattr(self, name) is not None and buf.data_ptr() == getattr(self, name).data_ptr())
+        return room + (self._prepared[2].nbytes if self._prepared else 0)
 
     def _unroll(self) -> None:
         """Put a turned ring or slot-written tokens back in time order (one copy)."""

@@ -32,7 +32,7 @@ class Rotary:
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
-        self._table: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._table: dict = {}  # device -> (cos, sin); (device, 'pairs') -> their stack (shift_by)
 
     def shift(self, keys: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None,
               bound: int | None = None) -> torch.Tensor:
@@ -60,6 +60,44 @@ class Rotary:
             ang = torch.outer(pos, self._inv(keys.device))  # (n, rot/2)
             cos, sin = ang.cos(), ang.sin()
         return self._rotate(keys, cos, sin, sign, dtype or keys.dtype, out)
+
+    def prepare(self, keys: torch.Tensor) -> torch.Tensor:
+        """Original ``keys (B, h, m, D)`` made ready for :meth:`shift_by`: ``(2, B, h, m, 2, rot/2)`` float32
+        holding ``(k1, k2)`` and ``(-k2, k1)`` of the rotated channels (twice those channels, in float32)."""
+        half = self.inv_freq.shape[0]
+        k = keys[..., :2 * half].float().unflatten(-1, (2, half))
+        return torch.stack((k, torch.stack((-k[..., 1, :], k[..., 0, :]), dim=-2)))
+
+    def rotated(self, keys: torch.Tensor) -> torch.Tensor:
+        """The rotated channels of ``keys (B, h, m, D)`` as a ``(B, h, m, 2, rot/2)`` view (an ``out`` for
+        :meth:`shift_by`)."""
+        half = self.inv_freq.shape[0]
+        return keys[..., :2 * half].unflatten(-1, (2, half))
+
+    def shift_by(self, prepared: torch.Tensor, delta: int, out: torch.Tensor) -> None:
+        """Write the keys of ``prepared`` (:meth:`prepare`) rotated by the same ``delta`` positions (a host
+        int) into ``out`` (:meth:`rotated` of the destination): three or four kernels, whatever ``m``.
+        Bit for bit what :meth:`shift` gives: ``k1 cos + (-k2) sin`` is ``k1 cos - k2 sin`` in IEEE
+        arithmetic, summed in float32 and rounded once to ``out``'s dtype."""
+        if 0 <= delta < TABLE_POSITIONS:
+            pair = self._pairs(delta + 1, prepared.device)[delta]
+        else:
+            ang = self._inv(prepared.device) * float(delta)
+            pair = torch.stack((ang.cos(), ang.sin())).view(2, 1, 1, 1, 1, -1)
+        prod = prepared * pair
+        if out.dtype == torch.float32:
+            torch.sum(prod, 0, out=out)
+        else:  # a reduction into a low-precision out would round the terms first
+            out.copy_(prod.sum(0))
+
+    def _pairs(self, m: int, device: torch.device) -> torch.Tensor:
+        """``(>= m, 2, 1, 1, 1, 1, rot/2)``: the table's cos and sin of each position, shaped to multiply a
+        :meth:`prepare`d tensor."""
+        cos, sin = self._rows(m, device)
+        pairs = self._table.get((device, "pairs"))
+        if pairs is None or pairs.shape[0] != cos.shape[0]:
+            pairs = self._table[(device, "pairs")] = torch.stack((cos, sin), 1).view(cos.shape[0], 2, 1, 1, 1, 1, -1)
+        return pairs
 
     def _inv(self, device: torch.device) -> torch.Tensor:
         if self.inv_freq.device != device:
