@@ -110,6 +110,7 @@ def test_compare_places_every_baseline_at_kvpress_kept_tokens(tmp_path):
         assert build(method_spec(name, 333)).capacity() == 333, name
     assert method_spec("snapkv", 40) == "snapkv:budget=40,window=40,kernel=5"
     assert method_spec("duo", 100, "p.json") == "duo:profile=p.json,sinks=4,window=96"
+    assert method_spec("tova", 100) == "tova:budget=100,shared=1"  # TOVAPress: the mean over all heads
     assert "duo" in NEEDS_PROFILE and "head-aware" in NEEDS_PROFILE and "snapkv" not in NEEDS_PROFILE
 
 

@@ -11,7 +11,7 @@ that budget (:func:`method_spec`):
     haq         haq:budget=kept,profile=P,bits=8/4/2
     snapkv      snapkv:budget=kept,window=min(64,kept),kernel=5      beside SnapKVPress (its defaults)
     pyramidkv   pyramidkv:budget=kept,window=min(64,kept),kernel=5   beside PyramidKVPress
-    tova        tova:budget=kept                         beside TOVAPress
+    tova        tova:budget=kept,shared=1                beside TOVAPress (both: every head's mean)
     knorm       knorm:budget=kept                        beside KnormPress
     keydiff     keydiff:budget=kept                      beside KeyDiffPress
     duo         duo:profile=P,sinks=4,window=kept-4      (retrieval heads keep everything)
@@ -54,6 +54,7 @@ AT_KEPT = {
     "haq": "haq:budget={kept},profile={profile},bits=8/4/2",
     "snapkv": "snapkv:budget={kept},window={obs},kernel=5",
     "pyramidkv": "pyramidkv:budget={kept},window={obs},kernel=5",
+    "tova": "tova:budget={kept},shared=1",  # TOVAPress averages the last query's attention over all heads
     "duo": "duo:profile={profile},sinks=4,window={window}",
     "full": "full",
 }
