@@ -23,11 +23,13 @@ def test_every_figure_the_rows_support(tmp_path):
     messages = []
     result = plot_all(lab_fakes.paper_rows(), tmp_path, echo=messages.append, dpi=30, formats=("png",))
     no_documents = "no ok rows of the 'translate_document' evaluation (kvlab translate --document)"
-    assert set(result.written) == set(FIGURES) - {"head_class_map", "implementation_comparison", "translation_vs_length"}
+    no_ruler = "no ok rows of the 'ruler' evaluation (kvlab ruler)"
+    assert set(result.written) == set(FIGURES) - {"head_class_map", "implementation_comparison", "translation_vs_length",
+                                                  "ruler_heatmap"}
     assert result.skipped == {"head_class_map": "no row's method names a head profile (profile=FILE)",
                               "implementation_comparison": "no rows of the 'compare_kvpress' evaluation",
-                              "translation_vs_length": no_documents}
-    assert messages == [f"skipped translation_vs_length: {no_documents}",
+                              "translation_vs_length": no_documents, "ruler_heatmap": no_ruler}
+    assert messages == [f"skipped translation_vs_length: {no_documents}", f"skipped ruler_heatmap: {no_ruler}",
                         "skipped head_class_map: no row's method names a head profile (profile=FILE)",
                         "skipped implementation_comparison: no rows of the 'compare_kvpress' evaluation"]
     for name, paths in result.written.items():
@@ -42,10 +44,28 @@ def test_missing_data_is_skipped_not_faked(tmp_path):
     result = plot_all(quick_rows(), tmp_path, echo=messages.append, dpi=30, formats=("png",))
     assert set(result.written) == {"main_comparison", "results_summary", "memory_vs_length"}
     assert set(result.skipped) == {"ablation_window_size", "ablation_n_sink", "quality_vs_budget", "needle_heatmap",
-                                   "head_class_map", "implementation_comparison", "translation_vs_length"}
+                                   "head_class_map", "implementation_comparison", "translation_vs_length",
+                                   "ruler_heatmap"}
     assert result.skipped["quality_vs_budget"] == "no method has a 'budget' setting"
     assert "no ok 'needle' rows" in result.skipped["needle_heatmap"]
-    assert len(messages) == 7 and not (tmp_path / "needle_heatmap.png").exists()
+    assert len(messages) == 8 and not (tmp_path / "needle_heatmap.png").exists()
+
+
+def test_ruler_heatmap_from_the_rows_as_kvlab_ruler_tabulates_them(tmp_path):
+    from kvlab.evals.ruler_report import scores
+
+    def row(method, task, score):
+        config = {"model": "qwen2.5-0.5b", "method": method, "eval": "ruler",
+                  "params": {"task": task, "length": 4096, "samples": 2, "data": "pydoc", "question_aware": False}}
+        return {"id": f"{method}-{task}", "status": "ok", "eval": "ruler", "config": config,
+                "metrics": {"score": score}, "higher_is_better": {"score": True}}
+
+    rows = [row(m, t, s) for m, ss in (("full", (1.0, 0.5)), ("streaming:sinks=4,window=1020", (0.0, 0.25)))
+            for t, s in zip(("niah_single_1", "vt"), ss)]
+    result = plot_all(rows, tmp_path, echo=lambda _m: None, only=["ruler_heatmap"], dpi=30, formats=("png",))
+    assert result.written == {"ruler_heatmap": [tmp_path / "ruler_heatmap.png"]}
+    tasks, columns, out = scores(rows)
+    assert columns == ["full", "streaming:sinks=4,window=1020"] and out[("mean", "full")] == 0.75
 
 
 def test_a_single_setting_is_not_an_ablation(tmp_path):

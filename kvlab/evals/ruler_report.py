@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvlab.evals.ruler_tasks import TASKS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _column(row: dict[str, Any], vary: set[str]) -> str:
@@ -69,7 +72,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Task x method heatmap of the mean score (PNG); ``n/a`` on grey."""
+    """:func:`heatmap_figure` saved as a PNG at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heatmap_figure(rows).savefig(path, dpi=150)
+    return path
+
+
+def heatmap_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Task x method heatmap of the mean score; ``n/a`` on grey (``kvlab ruler``'s figure and ``kvlab plot``'s
+    ``ruler_heatmap``)."""
     from matplotlib.figure import Figure
 
     tasks, columns, out = scores(rows)
@@ -91,7 +103,4 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     ax.set_title("RULER score (recall)", loc="left", fontsize=9)
     fig.colorbar(image, ax=ax, label="score", shrink=0.9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    return path
+    return fig

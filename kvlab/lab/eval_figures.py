@@ -1,11 +1,13 @@
-"""The needle heatmap and the memory figure: one piece of code for ``kvlab plot`` and for the ``kvlab needle``
-and ``kvlab memory`` commands, drawn from the lab's frame of the rows (:func:`kvlab.lab.frame.rows_frame`).
+"""The needle heatmap, the memory figure and the RULER heatmap: one piece of code for ``kvlab plot`` and for the
+``kvlab needle``, ``kvlab memory`` and ``kvlab ruler`` commands, drawn from the lab's frame of the rows
+(:func:`kvlab.lab.frame.rows_frame`).
 
 * :func:`needle_heatmap` — accuracy over context length x depth, one panel per method and setting
   (question-aware, multikey variant); a cell that ran but is not applicable is "n/a" on grey;
 * :func:`memory_figure` — peak KV MiB vs context length, one line per method (the full cache computed from
   ``kv_bytes_full`` dotted, where it could not run a cross), and beside it the process's peak memory when the
-  rows measured it; one pair of panels per model.
+  rows measured it; one pair of panels per model;
+* :func:`ruler_heatmap` — RULER score per task x method (:func:`kvlab.evals.ruler_report.heatmap_figure`).
 
 A figure whose data the rows do not hold raises :class:`~kvlab.lab.plotting.NoData` with the reason.
 """
@@ -122,3 +124,16 @@ def memory_figure(df: pd.DataFrame, *, min_lengths: int = 2) -> Figure:
 
 def _x(part: pd.DataFrame) -> np.ndarray:
     return part["param.tokens"].to_numpy(dtype=float)
+
+
+def ruler_heatmap(df: pd.DataFrame) -> Figure:
+    """``kvlab ruler``'s task x method heatmap, from the rows of the ``ruler`` evaluation in the frame."""
+    from kvlab.evals.ruler_report import heatmap_figure
+
+    part = ok_rows(df, "ruler")
+    if part.empty or "param.task" not in part:
+        raise NoData("no ok rows of the 'ruler' evaluation (kvlab ruler)")
+    params = [c for c in part.columns if c.startswith("param.")]
+    rows = [{"eval": "ruler", "config": {"method": r["spec"], "params": {c[6:]: r[c] for c in params if pd.notna(r[c])}},
+             "metrics": {"score": None if pd.isna(r["quality"]) else float(r["quality"])}} for _, r in part.iterrows()]
+    return heatmap_figure(rows)

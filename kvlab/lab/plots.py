@@ -13,6 +13,8 @@ needle_heatmap         needle accuracy over context length x depth, one panel pe
                        (:mod:`kvlab.lab.eval_figures`, as ``kvlab needle``)
 translation_vs_length  long-document translation: BLEU (and the last quarter's, dashed) and peak KV MiB vs the
                        document's length, one line per method (rows of ``translate_document``)
+ruler_heatmap          RULER score per task x method (rows of ``ruler``, as ``kvlab ruler`` draws it:
+                       :mod:`kvlab.lab.eval_figures`)
 head_class_map         the head classes of a profile named by a row's method spec (``profile=FILE``)
 implementation_        kvlab vs kvpress at the same kept tokens (rows of ``kvlab compare kvpress``):
 comparison             quality, prefill, decode speed, cache held, peak RSS (:mod:`kvlab.compare.figure`)
@@ -39,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from kvlab.compare.figure import implementation_comparison
-from kvlab.lab.eval_figures import memory_figure, needle_heatmap
+from kvlab.lab.eval_figures import memory_figure, needle_heatmap, ruler_heatmap
 from kvlab.lab.frame import rows_frame, short, varying
 from kvlab.lab.plotting import (DPI, OKABE_ITO, REFERENCE_COLOR, STYLE, NoData, group_label, method_palette, ok_rows,
                                 save, series, series_name, spec_colors, specs_of)
@@ -266,7 +268,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
     "main_comparison": main_comparison, "ablation_window_size": ablation_window_size,
     "ablation_n_sink": ablation_n_sink, "results_summary": results_summary, "memory_vs_length": memory_figure,
     "quality_vs_budget": quality_vs_budget, "translation_vs_length": translation_vs_length,
-    "needle_heatmap": needle_heatmap, "head_class_map": head_class_map,
+    "needle_heatmap": needle_heatmap, "ruler_heatmap": ruler_heatmap, "head_class_map": head_class_map,
     "implementation_comparison": implementation_comparison,
 }
 
