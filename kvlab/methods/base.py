@@ -53,7 +53,8 @@ class Method:
     def score(self, seg: Storage) -> torch.Tensor:
         """Score the ``seg.length`` cached tokens of a group: shape ``(n,)`` (same for every head)
         or ``(batch, heads, n)``; the ``budget`` highest are kept. ``inf`` forces a keep. Padding of a
-        batch row is never kept, whatever its score; ``seg.order`` numbers a row's real tokens."""
+        batch row is never kept, whatever its score; ``seg.order`` numbers a row's real tokens. The result may
+        be ``seg.scores`` itself: callers read it and never write it."""
         raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
 
     def runs(self, n: int) -> list[tuple[int, int]] | None:

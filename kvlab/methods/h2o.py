@@ -46,7 +46,7 @@ class H2O(Method):
         return self.budget
 
     def score(self, seg: Storage) -> torch.Tensor:
-        s = seg.scores.clone()  # (batch, heads, n) accumulated attention
+        s = seg.scores  # (batch, heads, n) accumulated attention: read, never written (as every scorer's score)
         if self.pool > 1:  # each token: the max over its neighbourhood (padding never wins: -inf)
             s = F.max_pool1d(s.flatten(0, -2)[:, None], self.pool, stride=1, padding=self.pool // 2).view_as(s)
         if self.recent:  # the newest tokens by age: kept tokens may sit in any order (see order_free)
