@@ -71,30 +71,38 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
             return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                                   enable_gqa=g > 1), None
     rows = block or block_rows(b * hq, n)
-    out = torch.empty_like(query)
-    received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device) if need_probs else None
+    one = rows >= q  # a single block: its results are the outputs, nothing is copied into place
+    out = None if one else torch.empty_like(query)
+    received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device) if need_probs and not one else None
     first_observed = 0 if observed is None else max(0, q - observed)
     for start in range(0, q, rows):
         stop = min(q, start + rows)
+        block = query if one else query[:, :, start:stop]
         mask = None if unmasked else block_mask(start, stop, q, n, visible=visible, window=window, valid=valid,
                                                 device=query.device)
         if plain:
             m = mask if mask.dim() == 2 else mask[:, :, None].expand(b, h, g, *mask.shape[-2:]).flatten(1, 2)
-            out[:, :, start:stop] = F.scaled_dot_product_attention(query[:, :, start:stop], keys, values, attn_mask=m,
-                                                                   scale=scaling, enable_gqa=g > 1)
-            continue
-        rows_ = stop - start
-        qg = query[:, :, start:stop].reshape(b, h, g * rows_, -1)  # (B, h, g*b, D): a KV head's queries together
-        logits = (qg @ keys.transpose(-1, -2)).float()  # (B, h, g*b, n): the block, transformed in place below
-        logits.mul_(scaling)
-        if softcap is not None:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        if mask is not None:
-            logits.view(b, h, g, rows_, n).masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]), -math.inf)
-        probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
-        del logits
-        out[:, :, start:stop] = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)
-        if received is not None and stop > first_observed:
-            seen = probs[..., max(0, first_observed - start):, :]
-            received += seen.mean(dim=2).sum(dim=2)
+            res = F.scaled_dot_product_attention(block, keys, values, attn_mask=m, scale=scaling, enable_gqa=g > 1)
+        else:
+            rows_ = stop - start
+            qg = block.reshape(b, h, g * rows_, -1)  # (B, h, g*b, D): a KV head's queries together
+            logits = (qg @ keys.transpose(-1, -2)).float()  # (B, h, g*b, n): the block, transformed in place below
+            logits.mul_(scaling)
+            if softcap is not None:
+                logits.div_(softcap).tanh_().mul_(softcap)
+            if mask is not None:
+                logits.view(b, h, g, rows_, n).masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]),
+                                                            -math.inf)
+            probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
+            del logits
+            res = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)
+            if need_probs and stop > first_observed:
+                got = probs[..., max(0, first_observed - start):, :].mean(dim=2).sum(dim=2)
+                received = got if received is None else received.add_(got)
+        if one:
+            out = res
+        else:
+            out[:, :, start:stop] = res
+    if need_probs and received is None:  # no query observed (cannot happen with observed >= 1)
+        received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device)
     return out, received
