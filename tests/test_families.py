@@ -94,3 +94,13 @@ def test_layers_without_rope_are_never_rotated():
 
     kind, extra = FAMILIES["smollm3"]
     assert [r is None for r in rotaries(_model(kind, extra))] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("family", ["llama3-scaling", "gemma2", "smollm3"])
+def test_layers_share_one_rotary_per_set_of_frequencies(family):
+    """One cos/sin table per model (a 32-layer model at 64k positions would otherwise hold 32 of them)."""
+    from kvlab.cache import rotaries
+
+    kind, extra = FAMILIES[family]
+    rots = [r for r in rotaries(_model(kind, extra)) if r is not None]
+    assert len(rots) >= 2 and len({id(r) for r in rots}) == 1

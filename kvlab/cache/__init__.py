@@ -36,16 +36,18 @@ __all__ = ["ATTN_NAME", "JoinedCache", "KVCache", "KVLayer", "kvlab_attention", 
 
 
 def rotaries(model: PreTrainedModel) -> list[Rotary | None]:
-    """The RoPE frequencies each layer rotates its keys with (None for a layer without RoPE)."""
+    """The RoPE frequencies each layer rotates its keys with (None for a layer without RoPE): one
+    :class:`Rotary` (and one cos/sin table) shared by the layers of each set of frequencies."""
     cfg = model.config.get_text_config()
     rope = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
     out: list[Rotary | None] = []
+    shared: dict[int, Rotary] = {}
     for kind, uses_rope in zip(layer_kinds(cfg), rope_layers(cfg)):
         inv = None
         if rope is not None and uses_rope:
             inv = getattr(rope, f"{kind}_inv_freq", None)
             inv = rope.inv_freq if inv is None else inv
-        out.append(None if inv is None else Rotary(inv))
+        out.append(None if inv is None else shared.setdefault(id(inv), Rotary(inv)))
     return out
 
 

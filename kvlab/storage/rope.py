@@ -27,12 +27,13 @@ class Rotary:
     The cos/sin of positions ``0..m-1`` are kept in a float32 table (``m`` grows by doubling, up to
     :data:`TABLE_POSITIONS`: 16 MiB for head_dim 64), as inference engines keep a cos/sin cache: a decode
     step then reads its rows instead of computing sines. They are the values a rotation computes
-    itself (``cos(p * inv_freq)``), so reading them changes no bit.
+    itself (``cos(p * inv_freq)``), so reading them changes no bit. Layers with the same frequencies share
+    one ``Rotary`` (:func:`kvlab.cache.rotaries`), hence one table per model (two for local/global RoPE).
     """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
-        self._table: dict = {}  # device -> (cos, sin); (device, 'pairs') -> their stack (shift_by)
+        self._table: dict[torch.device, torch.Tensor] = {}  # (positions, 2, 1, 1, 1, 1, rot/2): cos and sin
 
     def shift(self, keys: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None,
               bound: int | None = None) -> torch.Tensor:
@@ -91,13 +92,10 @@ class Rotary:
             out.copy_(prod.sum(0))
 
     def _pairs(self, m: int, device: torch.device) -> torch.Tensor:
-        """``(>= m, 2, 1, 1, 1, 1, rot/2)``: the table's cos and sin of each position, shaped to multiply a
+        """``(>= m, 2, 1, 1, 1, 1, rot/2)``: the table, each position's cos and sin shaped to multiply a
         :meth:`prepare`d tensor."""
-        cos, sin = self._rows(m, device)
-        pairs = self._table.get((device, "pairs"))
-        if pairs is None or pairs.shape[0] != cos.shape[0]:
-            pairs = self._table[(device, "pairs")] = torch.stack((cos, sin), 1).view(cos.shape[0], 2, 1, 1, 1, 1, -1)
-        return pairs
+        self._rows(m, device)
+        return self._table[device]
 
     def _inv(self, device: torch.device) -> torch.Tensor:
         if self.inv_freq.device != device:
@@ -105,13 +103,14 @@ class Rotary:
         return self.inv_freq
 
     def _rows(self, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The table's cos and sin, ``(>= m, rot/2)`` float32 each."""
+        """The table's cos and sin, ``(>= m, rot/2)`` float32 each (views of the one table)."""
         table = self._table.get(device)
-        if table is None or table[0].shape[0] < m:
-            size = min(TABLE_POSITIONS, max(m, 2 * (table[0].shape[0] if table else 512)))
+        if table is None or table.shape[0] < m:
+            size = min(TABLE_POSITIONS, max(m, 2 * (table.shape[0] if table is not None else 512)))
             ang = torch.outer(torch.arange(size, dtype=torch.float32, device=device), self._inv(device))
-            table = self._table[device] = (ang.cos(), ang.sin())
-        return table
+            table = self._table[device] = torch.stack((ang.cos(), ang.sin()), 1).view(size, 2, 1, 1, 1, 1, -1)
+        flat = table.view(table.shape[0], 2, -1)
+        return flat[:, 0], flat[:, 1]
 
     @staticmethod
     def _rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int, dtype: torch.dtype,
