@@ -33,6 +33,7 @@ class Rotary:
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.detach().float()
+        self._invs: dict[torch.device, torch.Tensor] = {}
         self._table: dict[torch.device, torch.Tensor] = {}  # (positions, 2, 1, 1, 1, 1, rot/2): cos and sin
 
     def shift(self, keys: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None,
@@ -98,9 +99,10 @@ class Rotary:
         return self._table[device]
 
     def _inv(self, device: torch.device) -> torch.Tensor:
-        if self.inv_freq.device != device:
-            self.inv_freq = self.inv_freq.to(device)
-        return self.inv_freq
+        inv = self._invs.get(device)  # per device: layers on several devices share this Rotary
+        if inv is None:
+            inv = self._invs[device] = self.inv_freq.to(device)
+        return inv
 
     def _rows(self, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The table's cos and sin, ``(>= m, rot/2)`` float32 each (views of the one table)."""
