@@ -122,6 +122,7 @@ def test_profile_of_another_model_is_refused(llama, tiny_qwen2, tmp_path):
     ("head-aware:budget=64,profile=p.json,assign=random", "assign must be"),
     ("head-aware:budget=64,profile=p.json,scope=global", "scope must be one of model, layer"),
     ("head-aware:budget=64,profile=p.json,spread=flat", "spread must be one of locality, even"),
+    ("head-aware:budget=64,profile=p.json,retrieve=snap", "retrieve must be one of h2o, keydiff"),
 ])
 def test_bad_specs(bad, message):
     with pytest.raises(KvlabError, match=message):
@@ -132,3 +133,22 @@ def test_shares_that_cannot_meet_the_budget(llama, tmp_path):
     spec = f"head-aware:budget=1,profile={round_robin_profile(llama, tmp_path)},sinks=4,recent=0"
     with pytest.raises(KvlabError, match="cannot give .* heads their minimum"):
         make_cache(llama, spec)
+
+
+def test_retrieval_heads_by_key_difference(llama, tmp_path):
+    """``retrieve=keydiff``: retrieval heads keep their most distinctive keys (KeyDiff) plus the recent window;
+    the layout is the same, the attention exact over what is kept, and a lossless budget keeps everything."""
+    from kvlab.methods.keydiff import KeyDiff
+
+    path = round_robin_profile(llama, tmp_path)
+    spec = f"head-aware:budget=8,profile={path},recent=2,sinks=1,retrieval=1.5,local=0.5,retrieve=keydiff"
+    cache = _fill(llama, spec)
+    kinds = {seg.group.label: type(seg.group.scorer) for layer in cache.layers for seg in layer.segments}
+    assert kinds["retrieval"] is KeyDiff and kinds["induction"] is not KeyDiff
+    assert cache.kept_tokens() == _fill(llama, spec.replace(",retrieve=keydiff", "")).kept_tokens()
+    layer = cache.layers[0]
+    kv, g, d = layer.info.num_kv_heads, layer.info.num_heads // layer.info.num_kv_heads, layer.info.head_dim
+    query = torch.randn(1, kv * g, 1, d, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(layer.attend(query, d ** -0.5, None)[0], masked_dense_attention(layer, query), atol=1e-5)
+    full, lossless = _fill(llama, "full", n=12), _fill(llama, f"head-aware:budget=64,profile={path},retrieve=keydiff", n=12)
+    assert lossless.kept_tokens() == full.kept_tokens()

@@ -27,11 +27,15 @@ head's budget.
 Local heads keep ``sinks`` + a recent window (StreamingLLM, re-indexed); retrieval and induction
 heads keep a recent window plus the tokens with the most accumulated attention (H2O-style, at
 prefill and at every step, original positions; ``pool=k`` ranks each token by the max over its ``k``
-neighbours, SnapKV's clustering). Heads of one class and budget live in their own tensors, so memory
+neighbours, SnapKV's clustering). ``retrieve=keydiff`` has the retrieval heads keep, besides their recent
+window, the tokens whose keys differ most from the head's mean key (KeyDiff, Park et al. 2025) instead:
+a question-agnostic cache cannot know which tokens a later question will attend to, but a needle's
+tokens stand out from the haystack they sit in; those heads then need no attention probabilities. Heads of one class and budget live in their own tensors, so memory
 really shrinks: a layer holds ``sum_h b(h)`` tokens, not ``max_h b(h) * n_heads``.
 
 Ablations (``assign=``): ``uniform`` — every head gets ``budget`` (the classes keep their policies);
 ``shuffled`` — the profile's labels permuted at random (seeded) over all heads, budgets as usual.
+``retrieve=h2o|keydiff`` — the retrieval heads' policy (default ``h2o``).
 ``spread=even`` drops the locality spread; ``scope=layer`` the sharing across layers; ``sinks=0``
 removes the sinks of local heads.
 """
@@ -46,6 +50,7 @@ from typing import TYPE_CHECKING
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Group, LayerInfo, Method, need_profile, positive
 from kvlab.methods.h2o import H2O
+from kvlab.methods.keydiff import KeyDiff
 from kvlab.methods.streaming_llm import StreamingLLM
 
 if TYPE_CHECKING:
@@ -55,6 +60,7 @@ CLASSES = ("retrieval", "induction", "local")
 ASSIGN = ("profile", "uniform", "shuffled")
 SCOPES = ("model", "layer")
 SPREADS = ("locality", "even")
+RETRIEVE = ("h2o", "keydiff")  # the policy of retrieval heads
 NEED_FLOOR = 0.05  # added to 1 - locality, so that no local head's share vanishes
 
 
@@ -82,7 +88,7 @@ def share(total: int, weights: Sequence[float], floors: Sequence[int]) -> list[i
 @dataclass
 class HeadAware(Method):
     """``head-aware:budget=512,profile=p.json[,retrieval=2,induction=1,local=0.4,scope=model,spread=locality,
-    sinks=4,recent=32,pool=1,assign=profile]``"""
+    sinks=4,recent=32,pool=1,assign=profile,retrieve=h2o]``"""
 
     budget: int = 1024
     profile: str = ""
@@ -95,6 +101,7 @@ class HeadAware(Method):
     recent: int = 32
     pool: int = 1
     assign: str = "profile"
+    retrieve: str = "h2o"
     seed: int = 0
     name = "head-aware"
     _classes: list[list[str]] = field(default_factory=list, init=False, repr=False)
@@ -109,7 +116,7 @@ class HeadAware(Method):
         for cls in CLASSES:
             if not getattr(self, cls) > 0:
                 raise KvlabError(f"the weight of class '{cls}' must be > 0, got {getattr(self, cls)}")
-        for key, allowed in (("assign", ASSIGN), ("scope", SCOPES), ("spread", SPREADS)):
+        for key, allowed in (("assign", ASSIGN), ("scope", SCOPES), ("spread", SPREADS), ("retrieve", RETRIEVE)):
             if getattr(self, key) not in allowed:
                 raise KvlabError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
 
@@ -170,6 +177,8 @@ class HeadAware(Method):
             heads = tuple(h for h in range(len(classes)) if (classes[h], budgets[h]) == (cls, b))
             if cls == "local":
                 scorer: Method = StreamingLLM(sinks=self.sinks, window=b - self.sinks)
+            elif cls == "retrieval" and self.retrieve == "keydiff":
+                scorer = KeyDiff(budget=b, recent=self.recent, reindex=self.bits(cls) < 16)
             else:  # quantized storage rotates keys at attention time, so it re-indexes for free
                 scorer = H2O(budget=b, recent=self.recent, reindex=self.bits(cls) < 16, pool=self.pool)
             groups.append(Group(heads=heads, budget=b, scorer=scorer, bits=self.bits(cls), label=cls))
