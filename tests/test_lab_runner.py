@@ -113,7 +113,9 @@ def test_not_a_run_folder(tmp_path):
 KILL_RAW = {"name": "k", "models": ["smollm2-135m", "qwen2.5-0.5b"], "methods": ["full", "streaming:sinks=4,window=60"],
             "evals": {"fake": {"tokens": [128, 256]}}}
 DRIVER = textwrap.dedent("""
-    import sys
+    import signal, sys
+    if sys.argv[3] == "ignored":  # started as a background job: bash leaves SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     import kvlab.cli.main as cli_main, kvlab.evals, lab_fakes
     from kvlab.lab import worker
     kvlab.evals.register_eval("fake", "lab_fakes")
@@ -123,16 +125,18 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "sigkill"])
-def test_killed_sweep_resumes_with_nothing_lost_or_duplicated(tmp_path, monkeypatch, sig):
+@pytest.mark.parametrize("sig, started", [(signal.SIGINT, "default"), (signal.SIGINT, "ignored"),
+                                          (signal.SIGTERM, "default"), (signal.SIGKILL, "default")],
+                         ids=["sigint", "sigint-background", "sigterm", "sigkill"])
+def test_killed_sweep_resumes_with_nothing_lost_or_duplicated(tmp_path, monkeypatch, sig, started):
     out, log, config = tmp_path / "run", tmp_path / "evaluated.log", tmp_path / "k.yaml"
     config.write_text(yaml.safe_dump(KILL_RAW))
     # the third cell (and any later one) blocks until the test says go, which it never does: the signal
     # always lands part-way through, with exactly two rows written, however slow or loaded the machine
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "LAB_FAKES_LOG": str(log), "LAB_FAKES_HOLD_AFTER": "2"}
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(config), str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(config), str(out), started], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     held, deadline = Path(f"{log}.held"), time.monotonic() + 300
     while not held.exists():  # wait until the sweep is part-way through (a safety net, not a timing assumption)
         assert proc.poll() is None, proc.stderr.read()

@@ -63,7 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{'done' if cell.id in done else 'todo'}  {cell.id}  {label(cell)}")
         print(f"{len(cells)} cells, {sum(c.id in done for c in cells)} done, in {out}")
         return 0
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: workers and Ray shut down
+    # `kill` stops like Ctrl-C (workers and Ray shut down); Ctrl-C / SIGINT stops it even when the shell that
+    # started it in the background left SIGINT ignored, as bash does for background jobs
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         summary = run(cfg, out, executor=executor, loader=worker.default_loader, progress=progress_on(args))
     except KeyboardInterrupt:
@@ -72,7 +74,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(summary)
     return 1 if summary.failed else 0
 
