@@ -62,9 +62,7 @@ class Segment(InPlaceSteps):
         self._valid: torch.Tensor | None = None  # (B, h, n) bool, once padding was seen
         self._src: torch.Tensor | None = None  # (B, h, prefix, D) original keys of the prefix slots
         self._src_fixed = False  # _src holds the stream's first tokens, which never leave the prefix slots
-        # (_src, _k, _src ready to rotate, the rotated view of _k's prefix): Rotary.shift_by's inputs, kept while
-        # _src and _k are the same tensors
-        self._prepared: tuple[torch.Tensor, ...] | None = None
+        self._prepared: tuple[torch.Tensor, ...] | None = None  # (_src, _k, Rotary.shift_by's two inputs)
         self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
         self.seen = 0  # tokens fed (padding included)
@@ -235,9 +233,8 @@ class Segment(InPlaceSteps):
         self._room.clear()  # evicting makes new tensors: the buffers behind the old ones are released
         runs = None if self._valid is not None else self.group.scorer.runs(n)
         if runs is not None and (self.prefix == 0 or runs[0] == (0, self.prefix)):
-            if self.prefix and self._src is None:
-                self._src = self._k[:, :, :self.prefix].clone()  # originals: nothing has moved yet
-                self._src_fixed = True
+            if self.prefix and self._src is None:  # originals: nothing has moved yet
+                self._src, self._src_fixed = self._k[:, :, :self.prefix].clone(), True
             for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:
