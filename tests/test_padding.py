@@ -46,11 +46,20 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_llama, tmp_path, method
     if method not in table:
         pytest.skip(f"{method} has no {budget} setting")
     model = copy.deepcopy(tiny_llama)
-    spec = table[method](max(LENGTHS) + NEW, tmp_path, model)
+    _check_padded(model, table[method](max(LENGTHS) + NEW, tmp_path, model), method in BATCH_POLICY and budget == "tight")
+
+
+def test_left_padded_head_aware_with_keydiff_retrieval_heads(tiny_llama, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    _check_padded(model, TIGHT["head-aware"](max(LENGTHS) + NEW, tmp_path, model) + ",retrieve=keydiff", False)
+
+
+def _check_padded(model, spec: str, batch_policy: bool) -> None:
+    """A left-padded batch through ``generate`` gives each prompt's tokens and logits (1e-4) alone."""
     prompts = _prompts()
     ids, mask = _left_padded(prompts)
     tokens, logits = _generate(model, ids, mask, spec)
-    if method in BATCH_POLICY and budget == "tight":
+    if batch_policy:
         assert torch.isfinite(logits).all()
         return
     for i, p in enumerate(prompts):

@@ -47,7 +47,9 @@ def rotaries(model: PreTrainedModel) -> list[Rotary | None]:
         if rope is not None and uses_rope:
             inv = getattr(rope, f"{kind}_inv_freq", None)
             inv = rope.inv_freq if inv is None else inv
-        out.append(None if inv is None else shared.setdefault(id(inv), Rotary(inv)))
+        if inv is not None and id(inv) not in shared:
+            shared[id(inv)] = Rotary(inv)
+        out.append(None if inv is None else shared[id(inv)])
     return out
 
 

@@ -30,8 +30,9 @@ prefill and at every step, original positions; ``pool=k`` ranks each token by th
 neighbours, SnapKV's clustering). ``retrieve=keydiff`` has the retrieval heads keep, besides their recent
 window, the tokens whose keys differ most from the head's mean key (KeyDiff, Park et al. 2025) instead:
 a question-agnostic cache cannot know which tokens a later question will attend to, but a needle's
-tokens stand out from the haystack they sit in; those heads then need no attention probabilities. Heads of one class and budget live in their own tensors, so memory
-really shrinks: a layer holds ``sum_h b(h)`` tokens, not ``max_h b(h) * n_heads``.
+tokens stand out from the haystack they sit in; those heads then need no attention probabilities.
+Heads of one class and budget live in their own tensors, so memory really shrinks: a layer holds
+``sum_h b(h)`` tokens, not ``max_h b(h) * n_heads``.
 
 Ablations (``assign=``): ``uniform`` — every head gets ``budget`` (the classes keep their policies);
 ``shuffled`` — the profile's labels permuted at random (seeded) over all heads, budgets as usual.

@@ -34,7 +34,7 @@ class QuantBody:
 
     def __init__(self, bits: int, group_size: int, positions: bool):
         if bits not in BITS:
-            raise KvlabError(f"quantized storage needs bits 2, 4 or 8, got {bits}")
+            raise KvlabError(f"quantized storage needs bits {', '.join(map(str, BITS))}, got {bits}")
         self.bits, self.group_size, self.positions = bits, group_size, positions
         self.clear()
 

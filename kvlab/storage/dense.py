@@ -233,8 +233,7 @@ class Segment(InPlaceSteps):
         self._room.clear()  # evicting makes new tensors: the buffers behind the old ones are released
         runs = None if self._valid is not None else self.group.scorer.runs(n)
         if runs is not None and (self.prefix == 0 or runs[0] == (0, self.prefix)):
-            if self.prefix and self._src is None:  # originals: nothing has moved yet
-                self._src, self._src_fixed = self._k[:, :, :self.prefix].clone(), True
+            self._keep_originals()
             for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:

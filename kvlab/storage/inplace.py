@@ -50,9 +50,8 @@ class InPlaceSteps:
         if start != self._start:
             self._unroll()
             self._start = start
-        if self.prefix and self._src is None:
-            self._src, self._src_fixed = self._k[:, :, :self.prefix].clone(), True
-        slot = start + self._head  # select + copy_: a third of the cost of indexing with slices, on a CPU
+        self._keep_originals()
+        slot = start + self._head  # select + copy_: cheaper than indexing with slices, on a CPU
         self._k.select(2, slot).copy_(key.select(2, 0))
         self._v.select(2, slot).copy_(value.select(2, 0))
         if self._pos is not None:
@@ -78,6 +77,12 @@ class InPlaceSteps:
         self.seen += 1
         self._scrambled = True
         return True
+
+    def _keep_originals(self) -> None:
+        """Before the first eviction of a re-indexing segment: copy the prefix slots' keys, the stream's first
+        tokens, which never leave those slots (nothing has moved yet)."""
+        if self.prefix and self._src is None:
+            self._src, self._src_fixed = self._k[:, :, :self.prefix].clone(), True
 
     def _extend(self, name: str, new: torch.Tensor) -> torch.Tensor:
         """``getattr(self, name)`` with ``new (B, h, q, ...)`` appended on the token axis: written into the
