@@ -101,3 +101,23 @@ def test_the_readme_documents_the_convention_once():
     assert text.count("## CLI conventions") == 1 or text.count("**CLI conventions.**") == 1
     for flag in ("--out DIR", "--method", "--no-progress", "--output FILE"):
         assert flag in text
+
+
+def test_console_tables_share_one_printer(capsys):
+    """Every evaluation's console table is a column list printed by one function: cells line up under their
+    titles, a missing figure reads n/a, and a row's note follows its cells."""
+    from kvlab.cli import tables
+
+    def row(metrics):
+        return {"config": {"method": "streaming:sinks=4,window=60", "params": {"tokens": 2048}}, "metrics": metrics}
+
+    tables.memory([row({"kv_bytes": 2**21, "kv_bytes_peak": 2**22, "kv_bytes_full": 2**23, "mem_reduction_pct": 50.0,
+                        "peak_mem_delta_bytes": 2**20}),
+                   row({"kv_bytes": None, "kv_bytes_peak": None, "kv_bytes_full": 2**23, "mem_reduction_pct": None,
+                        "peak_mem_delta_bytes": None, "note": "past the model's positions"})])
+    header, first, second = capsys.readouterr().out.splitlines()
+    assert header.split() == ["method", "tokens", "KV", "MiB", "KV", "peak", "full", "MiB", "saved", "peak", "mem+"]
+    assert len(first) == len(header) and first.split()[1:] == ["2048", "2.0", "4.0", "8.0", "50.0%", "1.0"]
+    assert header.index("saved") + len("saved") == first.index("50.0%") + len("50.0%")  # right-aligned under it
+    assert second.split()[1:7] == ["2048", "n/a", "n/a", "8.0", "n/a", "n/a"]
+    assert second.endswith("  past the model's positions")

@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method
-from kvlab.storage import Group, LayerInfo, RecentWindow, Rotary, Storage, make_segment
+from kvlab.storage import Group, LayerInfo, RecentWindow, RingSet, Rotary, Storage, make_segment
 
 _TAG = "_kvlab_layer"
 
@@ -53,8 +53,10 @@ class KVLayer(CacheLayerMixin):
         # the method's once-per-layer budget allocation (Ada-KV), before the first eviction;
         # sliding layers keep their window
         self._allocate = allocate if info.sliding_window is None else None
-        self._qidx: list[torch.Tensor | slice] = []  # each segment's query heads: a slice where contiguous
-        self._kidx: list[slice | None] = []  # each segment's KV heads as a slice, where contiguous
+        self._qidx: list[torch.Tensor | tuple[int, int]] = []  # each segment's query heads: (start, count) where contiguous
+        self._kidx: list[tuple[int, int] | None] = []  # each segment's KV heads as (start, count), where contiguous
+        self._rings: RingSet | None = None  # segments whose decode steps are taken as one (storage/rings.py)
+        self._ringable = False
 
     # -- transformers' layer API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,9 +68,10 @@ class KVLayer(CacheLayerMixin):
         for seg in self.segments:
             heads = list(seg.group.heads)
             contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
-            self._qidx.append(slice(heads[0] * g, (heads[-1] + 1) * g) if contiguous else
+            self._qidx.append((heads[0] * g, len(heads) * g) if contiguous else
                               (seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten())
-            self._kidx.append(slice(heads[0], heads[-1] + 1) if contiguous else None)
+            self._kidx.append((heads[0], len(heads)) if contiguous else None)
+        self._ringable = RingSet.possible(self.segments)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -152,16 +155,34 @@ class KVLayer(CacheLayerMixin):
             out = torch.empty_like(query)
             # one new token: the storage copies it into its slot, so a view of the layer's new keys will do
             step = pending is not None and pending[0].shape[2] == 1
+            rings = self._ring_set(step and valid is None and prefix is None)
+            if rings is not None:
+                rings.step(*pending)
             for i, (seg, qidx, kidx) in enumerate(zip(self.segments, self._qidx, self._kidx)):
-                if step and kidx is not None:
-                    seg.push(pending[0][:, kidx], pending[1][:, kidx], valid)
+                if rings is not None and seg in rings.members:
+                    pass  # stepped with its set
+                elif step and kidx is not None:  # narrow: cheaper than indexing with a slice, on a CPU
+                    seg.push(pending[0].narrow(1, *kidx), pending[1].narrow(1, *kidx), valid)
                 elif pending is not None:
                     seg.push(pending[0].index_select(1, seg.heads), pending[1].index_select(1, seg.heads), valid)
-                q = query[:, qidx] if isinstance(qidx, slice) else query.index_select(1, qidx)
-                out[:, qidx] = seg.attend(q, scaling, window, softcap, prefix=prefix.segments[i] if prefix else None)
+                res = seg.attend(query.narrow(1, *qidx) if isinstance(qidx, tuple) else query.index_select(1, qidx),
+                                 scaling, window, softcap, prefix=prefix.segments[i] if prefix else None)
+                if isinstance(qidx, tuple):
+                    out.narrow(1, *qidx).copy_(res)
+                else:
+                    out.index_copy_(1, qidx, res)
         if self.on_filled is not None:
             self.on_filled()
         return out
+
+    def _ring_set(self, step: bool) -> RingSet | None:
+        """The set of this layer's segments that take a plain decode step as one, kept while it holds (None for
+        any other forward pass, after which the segments hold tensors of their own again)."""
+        if not (step and self._ringable):
+            self._rings = None
+        elif self._rings is None or not self._rings.intact():
+            self._rings = RingSet.of(self.segments)
+        return self._rings
 
 
 class KVCache(Cache):

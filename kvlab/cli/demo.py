@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kvlab.cli.bars import ppl_bars
 from kvlab.cli.common import add_method_arg, add_model_args, add_progress_arg, load_model, methods_of, progress_on
+from kvlab.cli.tables import MIB, Col, method, metric, table
 from kvlab.errors import KvlabError
 from kvlab.results import make_row, write_json_atomic
 
@@ -52,12 +53,11 @@ def run(args: argparse.Namespace) -> int:
     budget = "" if args.method else f", budget {args.budget} tokens/head/layer"
     print(f"\n{model_id(model)} on {args.data}, {args.tokens} tokens{budget}")
     versus = "vs " + methods[0].split(":")[0]
-    print(f"{'method':<34} {'ppl':>8} {versus:>8} {'KV peak MiB':>12} {'saved':>7} {'tok/s':>7}")
-    for row in rows:
-        m = row["metrics"]
-        print(f"{row['config']['method']:<34} {m['ppl']:>8.3f} {100 * (m['ppl'] / base['ppl'] - 1):>+7.2f}% "
-              f"{m['kv_bytes_peak'] / 2**20:>12.2f} {100 * (1 - m['kv_bytes_peak'] / base['kv_bytes_peak']):>6.1f}% "
-              f"{m['tokens_per_s']:>7.1f}")
+    table(rows, [method(34), Col("ppl", 8, metric("ppl", ".3f")),
+                 Col(versus, 8, lambda r: f"{100 * (r['metrics']['ppl'] / base['ppl'] - 1):+.2f}%"),
+                 Col("KV peak MiB", 12, metric("kv_bytes_peak", ".2f", MIB)),
+                 Col("saved", 7, lambda r: f"{100 * (1 - r['metrics']['kv_bytes_peak'] / base['kv_bytes_peak']):.1f}%"),
+                 Col("tok/s", 7, metric("tokens_per_s", ".1f"))])
     r0 = rows[0]["config"]
     figure = ppl_bars(methods, [r["metrics"] for r in rows], f"{r0['model']} · {r0['data']} · {r0['tokens']} tokens",
                       out / "demo.png")

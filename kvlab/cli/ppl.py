@@ -13,6 +13,7 @@ from typing import Any
 
 from kvlab.cli.common import add_method_arg, add_model_args, add_out_arg, add_progress_arg, load_model, methods_of, \
     progress_on
+from kvlab.cli.tables import MIB, Col, fmt, table
 from kvlab.results import git_hash, versions, write_json_atomic
 
 
@@ -98,7 +99,9 @@ def _write_rows(args: argparse.Namespace, measured: list[dict], params: Any, out
 
 
 def _print_table(rows: list[dict]) -> None:
-    print(f"{'method':<40} {'ppl':>9} {'KV peak MiB':>12} {'KV full MiB':>12} {'saved':>7} {'tok/s':>8}")
-    for r in rows:
-        print(f"{r['method']:<40} {r['ppl']:>9.3f} {r['kv_bytes_peak'] / 2**20:>12.2f} {r['kv_bytes_full'] / 2**20:>12.2f} "
-              f"{100 * r['compression_ratio']:>6.1f}% {r['tokens_per_s']:>8.1f}")
+    """``rows``: the measured results (flat: ``method``, ``ppl``, bytes, ``compression_ratio``, ``tokens_per_s``)."""
+    table(rows, [Col("method", 40, lambda r: r["method"], left=True), Col("ppl", 9, lambda r: f"{r['ppl']:.3f}"),
+                 Col("KV peak MiB", 12, lambda r: fmt(r["kv_bytes_peak"], ".2f", MIB)),
+                 Col("KV full MiB", 12, lambda r: fmt(r["kv_bytes_full"], ".2f", MIB)),
+                 Col("saved", 7, lambda r: f"{100 * r['compression_ratio']:.1f}%"),
+                 Col("tok/s", 8, lambda r: f"{r['tokens_per_s']:.1f}")])

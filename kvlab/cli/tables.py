@@ -1,12 +1,59 @@
-"""The console tables of ``kvlab needle | memory | latency | translate``: one function per evaluation, taking its rows."""
+"""The console tables of kvlab's commands: one column list per table, printed by :func:`table`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+MIB = 2 ** 20
 
 
 def fmt(value: Any, spec: str = ".2f", scale: float = 1.0) -> str:
     return "n/a" if value is None else format(value / scale, spec)
+
+
+@dataclass(frozen=True)
+class Col:
+    """A column: its title, its width, and the text of its cell for a row (``left``: aligned left)."""
+
+    title: str
+    width: int
+    cell: Callable[[dict], str]
+    left: bool = False
+
+    def text(self, value: str) -> str:
+        return f"{value:<{self.width}}" if self.left else f"{value:>{self.width}}"
+
+
+def table(rows: list[dict], cols: list[Col], note: Callable[[dict], str | None] | None = None) -> None:
+    """Print a header and one line per row (with ``note(row)`` after the cells, where it says something)."""
+    print(" ".join(c.text(c.title) for c in cols))
+    for r in rows:
+        extra = note(r) if note else None
+        print(" ".join(c.text(c.cell(r)) for c in cols) + (f"  {extra}" if extra else ""))
+
+
+def metric(key: str, spec: str = ".2f", scale: float = 1.0) -> Callable[[dict], str]:
+    """The cell of ``row['metrics'][key]`` (n/a where absent)."""
+    return lambda r: fmt(r["metrics"].get(key), spec, scale)
+
+
+def param(key: str) -> Callable[[dict], str]:
+    return lambda r: str(r["config"]["params"][key])
+
+
+def percent(key: str) -> Callable[[dict], str]:
+    """The cell of a percentage ``row['metrics'][key]`` (n/a where absent)."""
+    return lambda r: "n/a" if r["metrics"].get(key) is None else f"{r['metrics'][key]:.1f}%"
+
+
+def method(width: int) -> Col:
+    return Col("method", width, lambda r: r["config"]["method"], left=True)
+
+
+def _note(r: dict) -> str | None:
+    return r["metrics"].get("note")
 
 
 def needle(rows: list[dict]) -> None:
@@ -34,46 +81,33 @@ def needle(rows: list[dict]) -> None:
 
 
 def memory(rows: list[dict]) -> None:
-    print(f"{'method':<36} {'tokens':>7} {'KV MiB':>9} {'KV peak':>9} {'full MiB':>9} {'saved':>7} {'peak mem+':>10}")
-    for r in rows:
-        m = r["metrics"]
-        saved = "n/a" if m["mem_reduction_pct"] is None else f"{m['mem_reduction_pct']:.1f}%"
-        print(f"{r['config']['method']:<36} {r['config']['params']['tokens']:>7} {fmt(m['kv_bytes'], '.1f', 2**20):>9} "
-              f"{fmt(m['kv_bytes_peak'], '.1f', 2**20):>9} {fmt(m['kv_bytes_full'], '.1f', 2**20):>9} {saved:>7} "
-              f"{fmt(m['peak_mem_delta_bytes'], '.1f', 2**20):>10}" + (f"  {m['note']}" if m.get("note") else ""))
+    table(rows, [method(36), Col("tokens", 7, param("tokens")), Col("KV MiB", 9, metric("kv_bytes", ".1f", MIB)),
+                 Col("KV peak", 9, metric("kv_bytes_peak", ".1f", MIB)),
+                 Col("full MiB", 9, metric("kv_bytes_full", ".1f", MIB)), Col("saved", 7, percent("mem_reduction_pct")),
+                 Col("peak mem+", 10, metric("peak_mem_delta_bytes", ".1f", MIB))], _note)
 
 
 def latency(rows: list[dict]) -> None:
-    print(f"{'method':<36} {'median ms':>10} {'p90 ms':>8} {'tok/s':>7} {'first ms':>9} {'last ms':>8} "
-          f"{'growth':>7} {'prefill s':>10}")
-    for r in rows:
-        m = r["metrics"]
-        if m.get("decode_ms_median") is None:
-            print(f"{r['config']['method']:<36} {m.get('note', 'n/a')}")
-            continue
-        print(f"{r['config']['method']:<36} {m['decode_ms_median']:>10.2f} {m['decode_ms_p90']:>8.2f} "
-              f"{m['decode_tok_s']:>7.1f} {m['decode_ms'][0]:>9.2f} {m['decode_ms'][-1]:>8.2f} "
-              f"{m['latency_growth']:>7.2f} {m['prefill_s']:>10.2f}")
+    def ends(i: int) -> Callable[[dict], str]:
+        return lambda r: fmt(r["metrics"]["decode_ms"][i] if r["metrics"].get("decode_ms") else None)
+
+    table(rows, [method(36), Col("median ms", 10, metric("decode_ms_median")), Col("p90 ms", 8, metric("decode_ms_p90")),
+                 Col("tok/s", 7, metric("decode_tok_s", ".1f")), Col("first ms", 9, ends(0)), Col("last ms", 8, ends(-1)),
+                 Col("growth", 7, metric("latency_growth")), Col("prefill s", 10, metric("prefill_s"))], _note)
 
 
 def translate(rows: list[dict]) -> None:
-    print(f"{'method':<28} {'mode':<8} {'positions':<10} {'k':>3} {'phi':>4} {'BLEU':>6} {'chrF':>6} {'AL':>6} "
-          f"{'LAAL':>6} {'words':>6} {'KV KiB':>8}")
-    for r in rows:
-        p, m = r["config"]["params"], r["metrics"]
-        k = "-" if p["mode"] == "offline" else p["k"]
-        print(f"{r['config']['method']:<28} {p['mode']:<8} {p['positions']:<10} {k:>3} {p['phi']:>4} {m['bleu']:>6.2f} "
-              f"{m['chrf']:>6.2f} {fmt(m['al']):>6} {fmt(m['laal']):>6} {m['target_words']:>6.1f} "
-              f"{m['kv_bytes_peak'] / 1024:>8.1f}")
+    table(rows, [method(28), Col("mode", 8, param("mode"), left=True), Col("positions", 10, param("positions"), left=True),
+                 Col("k", 3, lambda r: "-" if r["config"]["params"]["mode"] == "offline" else str(r["config"]["params"]["k"])),
+                 Col("phi", 4, param("phi")), Col("BLEU", 6, metric("bleu")), Col("chrF", 6, metric("chrf")),
+                 Col("AL", 6, metric("al")), Col("LAAL", 6, metric("laal")), Col("words", 6, metric("target_words", ".1f")),
+                 Col("KV KiB", 8, metric("kv_bytes_peak", ".1f", 1024))])
 
 
 def document(rows: list[dict]) -> None:
-    print(f"{'method':<36} {'pos':<5} {'k':>2} {'tokens':>6} {'sent':>4} {'BLEU':>6} {'Q4':>6} {'chrF':>6} "
-          f"{'AL':>6} {'LAAL':>6} {'KV peak MiB':>11} {'full MiB':>9} {'tok/s':>6}")
-    for r in rows:
-        p, m = r["config"]["params"], r["metrics"]
-        print(f"{r['config']['method']:<36} {p['positions']:<5} {p['k']:>2} {p['tokens']:>6} {m['sentences']:>4} "
-              f"{fmt(m['bleu']):>6} {fmt(m['bleu_last_quarter']):>6} {fmt(m['chrf']):>6} {fmt(m['al']):>6} "
-              f"{fmt(m['laal']):>6} {fmt(m['kv_bytes_peak'], '.1f', 2**20):>11} "
-              f"{fmt(m['kv_bytes_full'], '.1f', 2**20):>9} {fmt(m['tokens_per_s'], '.1f'):>6}"
-              + (f"  {m['note']}" if m.get("note") else ""))
+    table(rows, [method(36), Col("pos", 5, param("positions"), left=True), Col("k", 2, param("k")),
+                 Col("tokens", 6, param("tokens")), Col("sent", 4, lambda r: str(r["metrics"]["sentences"])), Col("BLEU", 6, metric("bleu")),
+                 Col("Q4", 6, metric("bleu_last_quarter")), Col("chrF", 6, metric("chrf")), Col("AL", 6, metric("al")),
+                 Col("LAAL", 6, metric("laal")), Col("KV peak MiB", 11, metric("kv_bytes_peak", ".1f", MIB)),
+                 Col("full MiB", 9, metric("kv_bytes_full", ".1f", MIB)), Col("tok/s", 6, metric("tokens_per_s", ".1f"))],
+          _note)

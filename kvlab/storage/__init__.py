@@ -3,18 +3,20 @@
 ``plan``: the types a method hands over (layer info, head groups, the scorer protocol);
 ``rope``: exact re-rotation of keys; ``attention``: masked, blocked attention;
 ``base``: the storage contract; ``dense`` and ``quantized`` (with ``codes``): its two implementations;
-``rows``: one storage per batch row once padding arrives (quantized storage keeps no padding).
+``rows``: one storage per batch row once padding arrives (quantized storage keeps no padding); ``rings``:
+the decode steps of several dense rings of a layer taken as one.
 """
 
 from kvlab.storage.base import Storage, keep_indices
 from kvlab.storage.dense import Segment
 from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, WIDTHS, Group, LayerInfo, QuantGroup, RecentWindow, Scorer
 from kvlab.storage.quantized import QuantSegment
+from kvlab.storage.rings import RingSet
 from kvlab.storage.rope import Rotary
 from kvlab.storage.rows import RowSplit
 
 __all__ = ["GROUP_SIZE", "RESIDUAL", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment", "RecentWindow",
-           "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "keep_indices", "make_segment"]
+           "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "keep_indices", "make_segment"]
 
 
 def make_segment(group: Group, rotary: Rotary | None) -> Storage:

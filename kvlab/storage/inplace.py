@@ -33,33 +33,52 @@ ROOM = 64  # tokens of spare room, at least, when keys and values grow (see "Roo
 class InPlaceSteps:
     """The in-place steps of :class:`kvlab.storage.dense.Segment` (whose state they read and write)."""
 
+    def _ring_start(self) -> int | None:
+        """Where the ring begins (after the sinks) when one new token evicts exactly the oldest token after a
+        fixed prefix (the sinks) and a ring step applies; None in any other case."""
+        budget, n = self.group.budget, self.length
+        if budget is None or n != budget + 1 or self.needs_scores:
+            return None
+        runs = self.group.scorer.runs(n)  # must be [(start + 1, n)], after sinks (0, start) if there are any
+        if runs is None or len(runs) > 2 or (len(runs) == 2 and runs[0][0] != 0):
+            return None
+        start = runs[0][1] if len(runs) == 2 else 0
+        if runs[-1] != (start + 1, n) or (self.prefix and start != self.prefix):
+            return None
+        return start
+
+    def ring_ready(self) -> bool:
+        """The next one-token push is a ring step that needs nothing prepared first (the ring settled and
+        begins where it should, the sinks' originals kept, no padding): what a
+        :class:`~kvlab.storage.rings.RingSet` may take over."""
+        return (self._valid is None and not self._room and self._ring_start() == self._start
+                and (self.prefix == 0 or (self._src_fixed and self._src is not None)))
+
     def _turn(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The ring step: when one new token evicts exactly the oldest token after a fixed prefix (the
         sinks), write it in that token's slot and re-derive the prefix's rotation. False (nothing done)
         in any other case."""
-        budget, n = self.group.budget, self.length
-        if budget is None or n != budget + 1 or self.needs_scores:
-            return False
-        runs = self.group.scorer.runs(n)  # must be [(start + 1, n)], after sinks (0, start) if there are any
-        if runs is None or len(runs) > 2 or (len(runs) == 2 and runs[0][0] != 0):
-            return False
-        start = runs[0][1] if len(runs) == 2 else 0
-        if runs[-1] != (start + 1, n) or (self.prefix and start != self.prefix):
+        start = self._ring_start()
+        if start is None:
             return False
         self._settle()
         if start != self._start:
             self._unroll()
             self._start = start
         self._keep_originals()
-        slot = start + self._head  # select + copy_: cheaper than indexing with slices, on a CPU
-        self._k.select(2, slot).copy_(key.select(2, 0))
-        self._v.select(2, slot).copy_(value.select(2, 0))
+        slot = start + self._head  # narrow + copy_: cheaper than indexing with slices, on a CPU
+        self._k.narrow(2, slot, 1).copy_(key)
+        self._v.narrow(2, slot, 1).copy_(value)
         if self._pos is not None:
-            self._pos.select(2, slot).fill_(self.seen)
-        self._head = (self._head + 1) % (n - start)
-        self.seen += 1
+            self._pos.narrow(2, slot, 1).fill_(self.seen)
+        self._advance()
         self._refresh()
         return True
+
+    def _advance(self) -> None:
+        """A ring step's bookkeeping, once its token is written: the ring turns, one more token was seen."""
+        self._head = (self._head + 1) % (self.length - self._start)
+        self.seen += 1
 
     def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the

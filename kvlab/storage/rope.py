@@ -82,7 +82,8 @@ class Rotary:
         Bit for bit what :meth:`shift` gives: ``k1 cos + (-k2) sin`` is ``k1 cos - k2 sin`` in IEEE
         arithmetic, summed in float32 and rounded once to ``out``'s dtype."""
         if 0 <= delta < TABLE_POSITIONS:
-            pair = self._pairs(delta + 1, prepared.device)[delta]
+            table = self._table.get(prepared.device)
+            pair = (table if table is not None and delta < table.shape[0] else self._pairs(delta + 1, prepared.device))[delta]
         else:
             ang = self._inv(prepared.device) * float(delta)
             pair = torch.stack((ang.cos(), ang.sin())).view(2, 1, 1, 1, 1, -1)
@@ -91,6 +92,18 @@ class Rotary:
             torch.sum(prod, 0, out=out)
         else:  # a reduction into a low-precision out would round the terms first
             out.copy_(prod.sum(0))
+
+    def shift_each(self, prepared: torch.Tensor, delta: torch.Tensor, top: int) -> torch.Tensor:
+        """The keys of ``prepared`` (:meth:`prepare`, ``(2, B, h, m, 2, rot/2)``), head ``j`` rotated by ``delta[j]``
+        positions (``delta (h,)`` long on the keys' device, every value in ``[0, top]``, ``top`` a host int): the
+        rotated channels ``(B, h, m, 2 * (rot/2))`` in float32. Bit for bit :meth:`shift_by` of each head."""
+        half = self.inv_freq.shape[0]
+        if top < TABLE_POSITIONS:
+            pair = self._pairs(top + 1, prepared.device).index_select(0, delta).view(-1, 2, half).transpose(0, 1)
+        else:
+            ang = delta.float()[:, None] * self._inv(prepared.device)  # (h, rot/2)
+            pair = torch.stack((ang.cos(), ang.sin()))
+        return (prepared * pair[:, None, :, None, None, :]).sum(0).flatten(-2)
 
     def _pairs(self, m: int, device: torch.device) -> torch.Tensor:
         """``(>= m, 2, 1, 1, 1, 1, rot/2)``: the table, each position's cos and sin shaped to multiply a

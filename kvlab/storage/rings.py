@@ -1,0 +1,130 @@
+"""The ring steps of several dense segments of one layer, taken as one.
+
+A method that gives every head its own window (head-aware's local heads: a window per head, from its
+locality) holds a layer's heads in several segments, and each of them pays a ring step's fixed cost at
+every decode step: a write of the new key and value, a write of its position, and the re-rotation of its
+sinks, a handful of kernels whatever its size. :class:`RingSet` takes the segments of a layer that are in
+the ring's steady state (:meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`) and moves their keys,
+values and positions into one buffer each, of exactly their sizes, the segments keeping views of their
+part. A decode step then writes every segment's token with one ``index_copy_`` per buffer and re-rotates
+every sink with one gather of cos/sin rows (:meth:`~kvlab.storage.rope.Rotary.shift_each`): about a dozen
+kernels for the whole set, where each segment took about as many. Each segment still attends on its own
+(its views), and keeps its bookkeeping (``seen``, where its ring turns) as if it had stepped alone, so the
+set can be dropped at any time: a segment that does anything else (a chunk of several tokens, padding, a
+beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says the set no longer holds.
+
+The values written are those of the segments' own steps, bit for bit (tested): the same rows of the same
+cos/sin table, the same products and sums, rounded once to the cache's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.storage.dense import Segment
+
+
+class RingSet:
+    """Ring steps of ``segments`` (dense, :meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`, the same sinks,
+    rotary and count of tokens seen) as one. Their keys, values and positions move into one buffer each.
+    :meth:`of` picks the segments of a layer that qualify."""
+
+    @staticmethod
+    def possible(storages: list) -> bool:
+        """Whether two or more of a layer's ``storages`` could ever step as one (re-indexed positional rings)."""
+        return sum(_ringable(s) for s in storages) >= 2
+
+    @classmethod
+    def of(cls, storages: list) -> RingSet | None:
+        """A set of those of ``storages`` whose next one-token push is a ring step, if two or more agree on their
+        sinks, rotary, dtype, batch and tokens seen; else None."""
+        ready = [s for s in storages if _ringable(s) and s.ring_ready()]
+        if len(ready) < 2:
+            return None
+        first = ready[0]
+        key = (first.prefix, first.rotary, first._k.dtype, first._k.shape[0], first.seen)
+        ready = [s for s in ready if (s.prefix, s.rotary, s._k.dtype, s._k.shape[0], s.seen) == key]
+        return cls(ready) if len(ready) >= 2 else None
+
+    def __init__(self, segments: list[Segment]):
+        first = segments[0]
+        self.segments = segments
+        self.members = frozenset(segments)
+        self.sinks = first.prefix
+        self.rotary = first.rotary
+        self.seen = first.seen
+        b, _, _, d = first._k.shape
+        sizes = [seg._k.shape[1] * seg.length for seg in segments]
+        total = sum(sizes)
+        self.k = first._k.new_empty(b, total, d)  # (B, sum of h * n, D): each segment's (h, n) block in turn
+        self.v = first._v.new_empty(b, total, d)
+        self.pos = first._pos.new_empty(b, total)
+        base, phase, width, sinks, lens = [], [], [], [], []
+        self._views = []
+        off = 0
+        for seg, size in zip(segments, sizes):
+            h, n = seg._k.shape[1], seg.length
+            views = tuple(buf[:, off:off + size].view(b, h, n, *buf.shape[2:]) for buf in (self.k, self.v, self.pos))
+            for view, t in zip(views, (seg._k, seg._v, seg._pos)):
+                view.copy_(t)
+            seg._k, seg._v, seg._pos = views
+            seg._prepared = None  # it held the segment's former keys
+            self._views.append(views)
+            for j in range(h):
+                start = off + j * n
+                base.append(start + seg._start)
+                phase.append(seg._head)
+                width.append(n - seg._start)
+                sinks.extend(range(start, start + self.sinks))
+                lens.append(n)
+            off += size
+        device = first.device
+        self.heads = torch.cat([seg.heads for seg in segments]).to(device)  # the layer's KV heads, in set order
+        self._base = torch.tensor(base, device=device)  # a head's first ring slot in the buffer
+        self._phase = torch.tensor(phase, device=device)  # where its ring turned to when the set began
+        self._width = torch.tensor(width, device=device)  # its ring's length
+        self._lens = torch.tensor(lens, device=device)
+        self._min_len = min(lens)
+        self._sink_slots = torch.tensor(sinks, dtype=torch.long, device=device)
+        self._steps = 0
+        self._heads0 = [seg._head for seg in segments]
+        self._prepared = None
+        if self.sinks:
+            src = torch.cat([seg._src[:, :, :self.sinks] for seg in segments], dim=1)  # (B, H, m, D) originals
+            self._prepared = self.rotary.prepare(src)
+            rot = 2 * self.rotary.inv_freq.shape[0]
+            self._k_rot = self.k[..., :rot]  # the rotated channels (partial rotary leaves the others)
+
+    def nbytes(self) -> int:
+        """Bytes the set holds besides the segments' own (their views): the sinks' float32 originals."""
+        return 0 if self._prepared is None else self._prepared.nbytes
+
+    def intact(self) -> bool:
+        """Every segment still holds its views and has taken no step of its own since the set's last step."""
+        for seg, views, head0 in zip(self.segments, self._views, self._heads0):
+            if (seg._k is not views[0] or seg._v is not views[1] or seg._pos is not views[2] or seg._valid is not None
+                    or seg.seen != self.seen or seg._head != (head0 + self._steps) % (seg.length - seg._start)):
+                return False
+        return True
+
+    def step(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """One decode step of every segment: ``key``/``value (B, kv_heads, 1, D)`` are the layer's new states
+        (all its KV heads; the set takes its own)."""
+        b, d = key.shape[0], key.shape[-1]
+        slots = torch.remainder(self._phase + self._steps, self._width).add_(self._base)  # (H,)
+        self.k.index_copy_(1, slots, key.index_select(1, self.heads).view(b, -1, d))
+        self.v.index_copy_(1, slots, value.index_select(1, self.heads).view(b, -1, d))
+        self.pos.index_fill_(1, slots, self.seen)
+        self.seen += 1
+        self._steps += 1
+        for seg in self.segments:
+            seg._advance()
+        if self.sinks:  # each head's sinks sit at frame positions seen - n..: rotated by seen - n from their originals
+            rotated = self.rotary.shift_each(self._prepared, self.seen - self._lens, self.seen - self._min_len)
+            self._k_rot.index_copy_(1, self._sink_slots, rotated.flatten(1, 2).to(self.k.dtype))
+
+
+def _ringable(storage: object) -> bool:
+    """A dense segment of a re-indexing positional method with a budget: its decode steps can be ring steps."""
+    return (isinstance(storage, Segment) and storage.reindex and not storage.needs_scores
+            and storage.group.budget is not None and storage.track_pos)

@@ -1,0 +1,130 @@
+"""Ring steps of several segments of a layer taken as one (storage/rings.py): the very bits each segment
+writes stepping alone, dropped as soon as a segment does anything else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kvlab.cache import make_cache
+from kvlab.methods.streaming_llm import StreamingLLM
+from kvlab.storage import Group, RingSet, Rotary
+from kvlab.storage.dense import Segment
+from profiles import round_robin_profile
+from references import D, INV_FREQ
+from references import rope as _rope
+
+HEADS = ((0,), (1, 2), (3,))  # three segments of one layer, windows of different lengths
+WINDOWS = (4, 7, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shift_each_is_shift_by_of_each_head(dtype):
+    """One gather of cos/sin rows for every head's own delta gives the bits of rotating each head alone,
+    inside and beyond the table."""
+    rotary = Rotary(INV_FREQ)
+    keys = torch.randn(2, 4, 3, D, generator=torch.Generator().manual_seed(2)).to(dtype)
+    prepared = rotary.prepare(keys)
+    for deltas in ([0, 1, 1000, 65_535], [70_000, 3, 65_536, 12]):
+        got = rotary.shift_each(prepared, torch.tensor(deltas), max(deltas)).to(dtype)
+        for h, delta in enumerate(deltas):
+            alone = torch.zeros_like(keys[:, h:h + 1])
+            rotary.shift_by(prepared[:, :, h:h + 1], delta, rotary.rotated(alone))
+            assert torch.equal(got[:, h:h + 1], alone)
+
+
+def _segments(sinks: int, dtype: torch.dtype, rotary: Rotary) -> list[Segment]:
+    return [Segment(Group(heads=h, budget=sinks + w, scorer=StreamingLLM(sinks=sinks, window=w)), rotary)
+            for h, w in zip(HEADS, WINDOWS)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks):
+    g = torch.Generator().manual_seed(7)
+    total = 60
+    pos = torch.arange(total)
+    keys = _rope(torch.randn(2, 4, total, D, generator=g), pos).to(dtype)
+    values = torch.randn(2, 4, total, D, generator=g).to(dtype)
+    rotary = Rotary(INV_FREQ)
+    alone, together = _segments(sinks, dtype, rotary), _segments(sinks, dtype, rotary)
+    for segs in (alone, together):
+        for seg, h in zip(segs, HEADS):
+            seg.push(keys[:, list(h), :12], values[:, list(h), :12])
+    rings, used = None, 0
+    for t in range(12, 50):
+        k, v = keys[:, :, t:t + 1], values[:, :, t:t + 1]
+        for seg, h in zip(alone, HEADS):
+            seg.push(k[:, list(h)], v[:, list(h)])
+        if rings is None or not rings.intact():
+            rings = RingSet.of(together)
+        if rings is not None:
+            rings.step(k, v)
+            used += 1
+        else:
+            for seg, h in zip(together, HEADS):
+                seg.push(k[:, list(h)], v[:, list(h)])
+        query = torch.randn(2, 8, 1, D, generator=g).to(dtype)
+        for a, b, h in zip(alone, together, HEADS):
+            q = query[:, 2 * h[0]:2 * (h[-1] + 1)]
+            assert torch.equal(a.attend(q, 0.5, None), b.attend(q, 0.5, None))
+    assert used >= 35 and rings.intact() and all(seg._head for seg in together)  # the rings really turned
+    assert sum(seg.nbytes() for seg in together) == sum(seg.nbytes() for seg in alone)  # the views: the same bytes
+    for a, b in zip(alone, together):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.age, b.age)
+    assert not rings.intact()  # reading in time order gave the segments tensors of their own
+    for segs in (alone, together):  # a chunk of three: every segment steps on its own again
+        for seg, h in zip(segs, HEADS):
+            seg.push(keys[:, list(h), 50:53], values[:, list(h), 50:53])
+    for a, b in zip(alone, together):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_segment_stepping_alone_breaks_the_set():
+    rotary = Rotary(INV_FREQ)
+    segs = _segments(2, torch.float32, rotary)
+    keys = _rope(torch.randn(1, 4, 20, D), torch.arange(20))
+    for seg, h in zip(segs, HEADS):
+        seg.push(keys[:, list(h), :12], keys[:, list(h), :12])
+    for t in (12, 13):  # evicting down to the budget, then the first ring turn: each segment's own
+        assert RingSet.of(segs) is None
+        for seg, h in zip(segs, HEADS):
+            seg.push(keys[:, list(h), t:t + 1], keys[:, list(h), t:t + 1])
+    rings = RingSet.of(segs)
+    assert rings is not None and rings.intact()
+    rings.step(keys[:, :, 14:15], keys[:, :, 14:15])
+    assert rings.intact()
+    segs[1].push(keys[:, [1, 2], 15:16], keys[:, [1, 2], 15:16])  # its own ring step, in its view
+    assert not rings.intact()
+
+
+def test_head_aware_steps_its_local_windows_as_one_set(tiny_llama, tmp_path):
+    """Head-aware's local heads of a layer each have their own window; their decode steps go as one set and
+    the logits are those of stepping every group alone, bit for bit; a chunk drops the sets."""
+    model = copy.deepcopy(tiny_llama)
+    path = round_robin_profile(model, tmp_path, classes=lambda layer, head: "local",
+                               locality=lambda layer, head: 0.2 + 0.6 * head)
+    spec = f"head-aware:budget=10,profile={path},sinks=2,recent=2"
+    ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
+    logits, caches = [], []
+    for sets in (True, False):
+        cache = make_cache(model, spec)
+        assert all(len({s.group.budget for s in layer.segments}) == 2 for layer in cache.layers)
+        out = []
+        with torch.no_grad():
+            out.append(model(ids[:, :20], past_key_values=cache).logits)
+            for layer in cache.layers:
+                layer._ringable = layer._ringable and sets
+            for t in range(20, 56):
+                out.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+                if sets and t > 21:
+                    assert all(layer._rings is not None for layer in cache.layers)
+            out.append(model(ids[:, 56:60], past_key_values=cache).logits)
+            assert all(layer._rings is None for layer in cache.layers)
+            out.append(model(ids[:, 59:60], past_key_values=cache).logits)
+        logits.append(torch.cat(out, 1))
+        caches.append(cache)
+    assert torch.equal(logits[0], logits[1])
+    assert caches[0].nbytes() == caches[1].nbytes() and caches[0].kept_tokens() == caches[1].kept_tokens()
