@@ -4,6 +4,7 @@ writes stepping alone, dropped as soon as a segment does anything else."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -97,6 +98,12 @@ def test_a_segment_stepping_alone_breaks_the_set():
     rings.step(keys[:, :, 14:15], keys[:, :, 14:15])
     assert rings.intact()
     segs[1].push(keys[:, [1, 2], 15:16], keys[:, [1, 2], 15:16])  # its own ring step, in its view
+    assert not rings.intact()
+    for seg, h in zip(segs, HEADS):
+        seg.push(keys[:, list(h), 16:17], keys[:, list(h), 16:17])
+    rings = RingSet.of(segs)
+    assert rings is not None and rings.intact()
+    segs[0].group = dataclasses.replace(segs[0].group, budget=None)  # the cache stops evicting: it grows from now on
     assert not rings.intact()
 
 

@@ -88,6 +88,7 @@ class RingSet:
         self._sink_slots = torch.tensor(sinks, dtype=torch.long, device=device)
         self._steps = 0
         self._heads0 = [seg._head for seg in segments]
+        self._groups = [seg.group for seg in segments]  # a new budget (e.g. none: stop evicting) ends the set
         self._prepared = None
         if self.sinks:
             src = torch.cat([seg._src[:, :, :self.sinks] for seg in segments], dim=1)  # (B, H, m, D) originals
@@ -100,9 +101,10 @@ class RingSet:
         return 0 if self._prepared is None else self._prepared.nbytes
 
     def intact(self) -> bool:
-        """Every segment still holds its views and has taken no step of its own since the set's last step."""
-        for seg, views, head0 in zip(self.segments, self._views, self._heads0):
-            if (seg._k is not views[0] or seg._v is not views[1] or seg._pos is not views[2] or seg._valid is not None
+        """Every segment still holds its views and its group (budget and scorer), and has taken no step of its own
+        since the set's last step."""
+        for seg, views, head0, group in zip(self.segments, self._views, self._heads0, self._groups):
+            if (seg.group is not group or seg._k is not views[0] or seg._v is not views[1] or seg._pos is not views[2] or seg._valid is not None
                     or seg.seen != self.seen or seg._head != (head0 + self._steps) % (seg.length - seg._start)):
                 return False
         return True
