@@ -9,9 +9,9 @@ others are kvlab specs (``head-aware`` and ``haq`` need ``--profile``, a head pr
 all implementations share the machine's state (rounds interleaved). The figure is the median step.
 
 Also per implementation: the share of step time inside the cache's update (``Segment.push``: scoring,
-eviction, append), the kept KV bytes, and the number of Python-level torch calls in one decode step
-(counted by a ``TorchFunctionMode``; a launch on a GPU costs several microseconds, so the count should
-not grow with the context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
+eviction, append; and ``RingSet.step``, the ring steps a layer's segments take as one), the kept KV bytes,
+and the number of Python-level torch calls in one decode step (counted by a ``TorchFunctionMode``; a
+launch on a GPU costs several microseconds, so the count should not grow with the context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
 Prints a table and writes bench/results/decode.json and .md (``--out`` another stem).
 
 Targets (issue 12), at 4,096 tokens with budget 1,024, against kvlab ``full``: h2o >= 1.0x, head-aware
@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 import kvlab
 from kvlab.data import load_text, tokenize
+from kvlab.storage import RingSet
 from kvlab.storage.dense import Segment
 from kvlab.stream import feed
 
@@ -71,16 +72,16 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
         caches[spec], tokens[spec] = (cache, time.perf_counter() - t0), logits.argmax(-1, keepdim=True)
     times = {s: [] for s in specs}
     inside = {s: [] for s in specs}
-    with Inside(Segment, "push") as timer:
+    with Inside(Segment, "push") as timer, Inside(RingSet, "step") as rings:
         for r in range(warmup + rounds):
             for spec in specs:
                 model = models["sdpa" if spec == "sdpa" else "kvlab"]
-                before = timer.seconds
+                before = timer.seconds + rings.seconds
                 t = time.perf_counter()
                 tokens[spec] = _step(model, caches[spec][0], tokens[spec])
                 if r >= warmup:
                     times[spec].append(time.perf_counter() - t)
-                    inside[spec].append(timer.seconds - before)
+                    inside[spec].append(timer.seconds + rings.seconds - before)
     rows = []
     for spec in specs:
         model = models["sdpa" if spec == "sdpa" else "kvlab"]
