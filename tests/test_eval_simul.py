@@ -54,5 +54,8 @@ def test_corpus_scores_perfect_and_empty():
     assert perfect["empty_outputs"] == 0
     half = corpus_scores([refs[0], ""], refs, [waitk_delays(2, 5, 5), []], srcs)
     assert half["empty_outputs"] == 1
+    # words were written, but only special tokens or whitespace, which decode to no text: empty too
+    blank = corpus_scores([refs[0], " "], refs, [waitk_delays(2, 5, 5), [6]], srcs)
+    assert blank["empty_outputs"] == 1
     assert half["al"] == pytest.approx(average_lagging(waitk_delays(2, 5, 5), 5, 5))
     assert 0 < half["bleu"] < 100

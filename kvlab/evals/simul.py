@@ -72,5 +72,6 @@ def corpus_scores(hypotheses: list[str], references: list[str], delays: list[lis
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
         "al": statistics.mean(al) if al else None,
         "laal": statistics.mean(laal) if laal else None,
-        "empty_outputs": sum(1 for d in delays if not d),
+        # no word written, or only tokens whose text is empty (special tokens, whitespace): nothing to score
+        "empty_outputs": sum(1 for d, h in zip(delays, hypotheses) if not d or not h.strip()),
     }
