@@ -71,14 +71,36 @@ class InPlaceSteps:
         self._v.narrow(2, slot, 1).copy_(value)
         if self._pos is not None:
             self._pos.narrow(2, slot, 1).fill_(self.seen)
-        self._advance()
+        self.advance()
         self._refresh()
         return True
 
-    def _advance(self) -> None:
+    def advance(self) -> None:
         """A ring step's bookkeeping, once its token is written: the ring turns, one more token was seen."""
         self._head = (self._head + 1) % (self.length - self._start)
         self.seen += 1
+
+    def ring(self) -> tuple[int, int, int]:
+        """``(first ring slot, slots the ring has turned by, ring length)`` of a ring-ready segment."""
+        return self._start, self._head, self.length - self._start
+
+    def stored_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``(B, h, n, D)`` and true positions ``(B, h, n)`` as stored (a turned ring included)."""
+        return self._k, self._v, self._pos
+
+    def hand_over(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """Hold ``keys``, ``values`` and ``pos`` (views of a :class:`~kvlab.storage.rings.RingSet`'s buffers, holding
+        a copy of :meth:`stored_state`) instead of the segment's own tensors."""
+        self._k, self._v, self._pos = keys, values, pos
+        self._prepared = None  # it held the former keys
+
+    def holds(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> bool:
+        """Whether the segment still holds exactly these tensors (what :meth:`hand_over` gave it), with no padding."""
+        return self._k is keys and self._v is values and self._pos is pos and self._valid is None
+
+    def sink_originals(self) -> torch.Tensor:
+        """The exact originals of the moved prefix's keys (the sinks) ``(B, h, prefix, D)``."""
+        return self._src[:, :, :self.prefix]
 
     def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the

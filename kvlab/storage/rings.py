@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.storage.base import Storage
 from kvlab.storage.dense import Segment
 
 
@@ -30,20 +31,18 @@ class RingSet:
     :meth:`of` picks the segments of a layer that qualify."""
 
     @staticmethod
-    def possible(storages: list) -> bool:
+    def possible(storages: list[Storage]) -> bool:
         """Whether two or more of a layer's ``storages`` could ever step as one (re-indexed positional rings)."""
         return sum(_ringable(s) for s in storages) >= 2
 
     @classmethod
-    def of(cls, storages: list) -> RingSet | None:
+    def of(cls, storages: list[Storage]) -> RingSet | None:
         """A set of those of ``storages`` whose next one-token push is a ring step, if two or more agree on their
         sinks, rotary, dtype, batch and tokens seen; else None."""
         ready = [s for s in storages if _ringable(s) and s.ring_ready()]
         if len(ready) < 2:
             return None
-        first = ready[0]
-        key = (first.prefix, first.rotary, first._k.dtype, first._k.shape[0], first.seen)
-        ready = [s for s in ready if (s.prefix, s.rotary, s._k.dtype, s._k.shape[0], s.seen) == key]
+        ready = [s for s in ready if _kind(s) == _kind(ready[0])]
         return cls(ready) if len(ready) >= 2 else None
 
     def __init__(self, segments: list[Segment]):
@@ -53,29 +52,31 @@ class RingSet:
         self.sinks = first.prefix
         self.rotary = first.rotary
         self.seen = first.seen
-        b, _, _, d = first._k.shape
-        sizes = [seg._k.shape[1] * seg.length for seg in segments]
+        b, _, _, d = first.stored()[0].shape
+        sizes = [seg.stored()[0].shape[1] * seg.length for seg in segments]
         total = sum(sizes)
-        self.k = first._k.new_empty(b, total, d)  # (B, sum of h * n, D): each segment's (h, n) block in turn
-        self.v = first._v.new_empty(b, total, d)
-        self.pos = first._pos.new_empty(b, total)
+        k0, v0, pos0 = first.stored_state()
+        self.k = k0.new_empty(b, total, d)  # (B, sum of h * n, D): each segment's (h, n) block in turn
+        self.v = v0.new_empty(b, total, d)
+        self.pos = pos0.new_empty(b, total)
         base, phase, width, sinks, lens = [], [], [], [], []
         self._views = []
         off = 0
         for seg, size in zip(segments, sizes):
-            h, n = seg._k.shape[1], seg.length
+            state = seg.stored_state()
+            h, n = state[0].shape[1], seg.length
+            start, turned, _ = seg.ring()
             views = tuple(buf[:, off:off + size].view(b, h, n, *buf.shape[2:]) for buf in (self.k, self.v, self.pos))
-            for view, t in zip(views, (seg._k, seg._v, seg._pos)):
+            for view, t in zip(views, state):
                 view.copy_(t)
-            seg._k, seg._v, seg._pos = views
-            seg._prepared = None  # it held the segment's former keys
+            seg.hand_over(*views)
             self._views.append(views)
             for j in range(h):
-                start = off + j * n
-                base.append(start + seg._start)
-                phase.append(seg._head)
-                width.append(n - seg._start)
-                sinks.extend(range(start, start + self.sinks))
+                first_slot = off + j * n
+                base.append(first_slot + start)
+                phase.append(turned)
+                width.append(n - start)
+                sinks.extend(range(first_slot, first_slot + self.sinks))
                 lens.append(n)
             off += size
         device = first.device
@@ -87,11 +88,11 @@ class RingSet:
         self._min_len = min(lens)
         self._sink_slots = torch.tensor(sinks, dtype=torch.long, device=device)
         self._steps = 0
-        self._heads0 = [seg._head for seg in segments]
+        self._turned0 = [seg.ring()[1] for seg in segments]
         self._groups = [seg.group for seg in segments]  # a new budget (e.g. none: stop evicting) ends the set
         self._prepared = None
         if self.sinks:
-            src = torch.cat([seg._src[:, :, :self.sinks] for seg in segments], dim=1)  # (B, H, m, D) originals
+            src = torch.cat([seg.sink_originals() for seg in segments], dim=1)  # (B, H, m, D) originals
             self._prepared = self.rotary.prepare(src)
             rot = 2 * self.rotary.inv_freq.shape[0]
             self._k_rot = self.k[..., :rot]  # the rotated channels (partial rotary leaves the others)
@@ -103,9 +104,10 @@ class RingSet:
     def intact(self) -> bool:
         """Every segment still holds its views and its group (budget and scorer), and has taken no step of its own
         since the set's last step."""
-        for seg, views, head0, group in zip(self.segments, self._views, self._heads0, self._groups):
-            if (seg.group is not group or seg._k is not views[0] or seg._v is not views[1] or seg._pos is not views[2] or seg._valid is not None
-                    or seg.seen != self.seen or seg._head != (head0 + self._steps) % (seg.length - seg._start)):
+        for seg, views, turned0, group in zip(self.segments, self._views, self._turned0, self._groups):
+            _, turned, width = seg.ring()
+            if (seg.group is not group or not seg.holds(*views) or seg.seen != self.seen
+                    or turned != (turned0 + self._steps) % width):
                 return False
         return True
 
@@ -120,10 +122,16 @@ class RingSet:
         self.seen += 1
         self._steps += 1
         for seg in self.segments:
-            seg._advance()
+            seg.advance()
         if self.sinks:  # each head's sinks sit at frame positions seen - n..: rotated by seen - n from their originals
             rotated = self.rotary.shift_each(self._prepared, self.seen - self._lens, self.seen - self._min_len)
             self._k_rot.index_copy_(1, self._sink_slots, rotated.flatten(1, 2).to(self.k.dtype))
+
+
+def _kind(seg: Segment) -> tuple:
+    """What segments stepping as one must share: sinks, rotary, dtype, batch and tokens seen."""
+    keys = seg.stored()[0]
+    return seg.prefix, seg.rotary, keys.dtype, keys.shape[0], seg.seen
 
 
 def _ringable(storage: object) -> bool:
