@@ -45,16 +45,22 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-@lru_cache(maxsize=1)
-def git_hash() -> str | None:
-    """The git commit of the kvlab checkout, with ``-dirty`` if it has uncommitted changes; None outside git."""
-    root = Path(__file__).resolve().parent.parent
+OUTPUTS = ("bench/results", "docs")  # what measurements write and describe: changes there leave the code clean
+
+
+@lru_cache(maxsize=4)
+def git_hash(root: Path | None = None) -> str | None:
+    """The git commit of the kvlab checkout (or of ``root``), with ``-dirty`` if a tracked file outside
+    :data:`OUTPUTS` has uncommitted changes (a benchmark that rewrote an earlier result file still ran the
+    commit's code); None outside git."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){p}" for p in OUTPUTS)], cwd=root, capture_output=True, text=True,
+                               timeout=5)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None

@@ -169,3 +169,28 @@ def test_a_missing_head_profile_stops_the_run_before_any_model_loads(tmp_path):
     with pytest.raises(KvlabError, match=r"smollm2-135m.json, which does not exist; make it with: kvlab heads profile"):
         go(tmp_path / "run", raw)
     assert lab_fakes.LOADS == [] and not (tmp_path / "run").exists()
+
+
+def test_git_hash_is_dirty_for_code_not_for_results(tmp_path):
+    """A row's commit says -dirty when code differs from it, not when a benchmark rewrote an earlier result."""
+    import subprocess
+
+    from kvlab.results import git_hash
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("kvlab/m.py", "bench/results/r.json", "docs/BENCHMARKS.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    (tmp_path / "bench/results/r.json").write_text("1\n")
+    (tmp_path / "docs/BENCHMARKS.md").write_text("1\n")
+    clean = git_hash(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "kvlab/m.py").write_text("1\n")
+    git_hash.cache_clear()
+    assert git_hash(tmp_path) == clean + "-dirty"
