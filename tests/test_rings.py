@@ -3,7 +3,6 @@ writes stepping alone, dropped as soon as a segment does anything else."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -60,7 +59,7 @@ def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks):
         for seg, h in zip(alone, HEADS):
             seg.push(k[:, list(h)], v[:, list(h)])
         if rings is None or not rings.intact():
-            rings = RingSet.of(together)
+            rings = RingSet.of(together, least=2)
         if rings is not None:
             rings.step(k, v)
             used += 1
@@ -90,10 +89,11 @@ def test_a_segment_stepping_alone_breaks_the_set():
     for seg, h in zip(segs, HEADS):
         seg.push(keys[:, list(h), :12], keys[:, list(h), :12])
     for t in (12, 13):  # evicting down to the budget, then the first ring turn: each segment's own
-        assert RingSet.of(segs) is None
+        assert RingSet.of(segs, least=2) is None
         for seg, h in zip(segs, HEADS):
             seg.push(keys[:, list(h), t:t + 1], keys[:, list(h), t:t + 1])
-    rings = RingSet.of(segs)
+    assert RingSet.of(segs) is None  # three segments: cheaper alone (LEAST)
+    rings = RingSet.of(segs, least=2)
     assert rings is not None and rings.intact()
     rings.step(keys[:, :, 14:15], keys[:, :, 14:15])
     assert rings.intact()
@@ -101,24 +101,30 @@ def test_a_segment_stepping_alone_breaks_the_set():
     assert not rings.intact()
     for seg, h in zip(segs, HEADS):
         seg.push(keys[:, list(h), 16:17], keys[:, list(h), 16:17])
-    rings = RingSet.of(segs)
-    assert rings is not None and rings.intact()
+    rings = RingSet.of(segs, least=2)  # the one that stepped alone has seen one token more: left out
+    assert rings is not None and rings.segments == [segs[0], segs[2]] and rings.intact()
     segs[0].group = dataclasses.replace(segs[0].group, budget=None)  # the cache stops evicting: it grows from now on
     assert not rings.intact()
 
 
-def test_head_aware_steps_its_local_windows_as_one_set(tiny_llama, tmp_path):
-    """Head-aware's local heads of a layer each have their own window; their decode steps go as one set and
-    the logits are those of stepping every group alone, bit for bit; a chunk drops the sets."""
-    model = copy.deepcopy(tiny_llama)
+def test_head_aware_steps_its_local_windows_as_one_set(tmp_path):
+    """Head-aware's local heads of a layer each have their own window; with enough of them (a layer of 4 KV
+    heads) their decode steps go as one set and the logits are those of stepping every group alone, bit for
+    bit; a chunk drops the sets."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                         intermediate_size=128, vocab_size=256, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
     path = round_robin_profile(model, tmp_path, classes=lambda layer, head: "local",
-                               locality=lambda layer, head: 0.2 + 0.6 * head)
+                               locality=lambda layer, head: 0.1 + 0.2 * head)
     spec = f"head-aware:budget=10,profile={path},sinks=2,recent=2"
     ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
     logits, caches = [], []
     for sets in (True, False):
         cache = make_cache(model, spec)
-        assert all(len({s.group.budget for s in layer.segments}) == 2 for layer in cache.layers)
+        assert all(len({s.group.budget for s in layer.segments}) == 4 for layer in cache.layers)
         out = []
         with torch.no_grad():
             out.append(model(ids[:, :20], past_key_values=cache).logits)

@@ -7,11 +7,13 @@ sinks, a handful of kernels whatever its size. :class:`RingSet` takes the segmen
 the ring's steady state (:meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`) and moves their keys,
 values and positions into one buffer each, of exactly their sizes, the segments keeping views of their
 part. A decode step then writes every segment's token with one ``index_copy_`` per buffer and re-rotates
-every sink with one gather of cos/sin rows (:meth:`~kvlab.storage.rope.Rotary.shift_each`): about a dozen
-kernels for the whole set, where each segment took about as many. Each segment still attends on its own
-(its views), and keeps its bookkeeping (``seen``, where its ring turns) as if it had stepped alone, so the
-set can be dropped at any time: a segment that does anything else (a chunk of several tokens, padding, a
-beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says the set no longer holds.
+every sink with one gather of cos/sin rows (:meth:`~kvlab.storage.rope.Rotary.shift_each`): about fifteen
+kernels for the whole set, where each segment takes about five, so a set pays from four segments on
+(:data:`LEAST`; models with 8 KV heads, such as Llama-3-8B and Gemma-2-9B, have up to 8 per layer). Each
+segment still attends on its own (its views), and keeps its bookkeeping (``seen``, where its ring turns) as
+if it had stepped alone, so the set can be dropped at any time: a segment that does anything else (a chunk
+of several tokens, padding, a beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says
+the set no longer holds.
 
 The values written are those of the segments' own steps, bit for bit (tested): the same rows of the same
 cos/sin table, the same products and sums, rounded once to the cache's dtype.
@@ -24,6 +26,11 @@ import torch
 from kvlab.storage.base import Storage
 from kvlab.storage.dense import Segment
 
+# The fewest segments worth a set. A set's step is about 15 kernels whatever its size, a segment's own ring
+# step about 5: on one CPU core three segments cost the same either way, two are cheaper alone, eight take
+# 2.7x less time as a set (a layer of 8 KV heads, each with its own window).
+LEAST = 4
+
 
 class RingSet:
     """Ring steps of ``segments`` (dense, :meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`, the same sinks,
@@ -31,19 +38,19 @@ class RingSet:
     :meth:`of` picks the segments of a layer that qualify."""
 
     @staticmethod
-    def possible(storages: list[Storage]) -> bool:
-        """Whether two or more of a layer's ``storages`` could ever step as one (re-indexed positional rings)."""
-        return sum(_ringable(s) for s in storages) >= 2
+    def possible(storages: list[Storage], least: int = LEAST) -> bool:
+        """Whether ``least`` or more of a layer's ``storages`` could ever step as one (re-indexed positional rings)."""
+        return sum(_ringable(s) for s in storages) >= least
 
     @classmethod
-    def of(cls, storages: list[Storage]) -> RingSet | None:
-        """A set of those of ``storages`` whose next one-token push is a ring step, if two or more agree on their
-        sinks, rotary, dtype, batch and tokens seen; else None."""
+    def of(cls, storages: list[Storage], least: int = LEAST) -> RingSet | None:
+        """A set of those of ``storages`` whose next one-token push is a ring step, if ``least`` or more agree on
+        their sinks, rotary, dtype, batch and tokens seen; else None."""
         ready = [s for s in storages if _ringable(s) and s.ring_ready()]
-        if len(ready) < 2:
+        if len(ready) < least:
             return None
         ready = [s for s in ready if _kind(s) == _kind(ready[0])]
-        return cls(ready) if len(ready) >= 2 else None
+        return cls(ready) if len(ready) >= least else None
 
     def __init__(self, segments: list[Segment]):
         first = segments[0]
