@@ -53,7 +53,8 @@ class KVLayer(CacheLayerMixin):
         # the method's once-per-layer budget allocation (Ada-KV), before the first eviction;
         # sliding layers keep their window
         self._allocate = allocate if info.sliding_window is None else None
-        self._qidx: list[torch.Tensor | tuple[int, int]] = []  # each segment's query heads: (start, count) where contiguous
+        # each segment's query heads as (start, count) where contiguous, else an index tensor
+        self._qidx: list[torch.Tensor | tuple[int, int]] = []
         self._kidx: list[tuple[int, int] | None] = []  # each segment's KV heads as (start, count), where contiguous
         self._rings: RingSet | None = None  # segments whose decode steps are taken as one (storage/rings.py)
         self._ringable = False

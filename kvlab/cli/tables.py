@@ -83,7 +83,8 @@ def needle(rows: list[dict]) -> None:
 def memory(rows: list[dict]) -> None:
     table(rows, [method(36), Col("tokens", 7, param("tokens")), Col("KV MiB", 9, metric("kv_bytes", ".1f", MIB)),
                  Col("KV peak", 9, metric("kv_bytes_peak", ".1f", MIB)),
-                 Col("full MiB", 9, metric("kv_bytes_full", ".1f", MIB)), Col("saved", 7, percent("mem_reduction_pct")),
+                 Col("full MiB", 9, metric("kv_bytes_full", ".1f", MIB)),
+                 Col("saved", 7, percent("mem_reduction_pct")),
                  Col("peak mem+", 10, metric("peak_mem_delta_bytes", ".1f", MIB))], _note)
 
 
@@ -91,23 +92,28 @@ def latency(rows: list[dict]) -> None:
     def ends(i: int) -> Callable[[dict], str]:
         return lambda r: fmt(r["metrics"]["decode_ms"][i] if r["metrics"].get("decode_ms") else None)
 
-    table(rows, [method(36), Col("median ms", 10, metric("decode_ms_median")), Col("p90 ms", 8, metric("decode_ms_p90")),
-                 Col("tok/s", 7, metric("decode_tok_s", ".1f")), Col("first ms", 9, ends(0)), Col("last ms", 8, ends(-1)),
+    table(rows, [method(36), Col("median ms", 10, metric("decode_ms_median")),
+                 Col("p90 ms", 8, metric("decode_ms_p90")), Col("tok/s", 7, metric("decode_tok_s", ".1f")),
+                 Col("first ms", 9, ends(0)), Col("last ms", 8, ends(-1)),
                  Col("growth", 7, metric("latency_growth")), Col("prefill s", 10, metric("prefill_s"))], _note)
 
 
 def translate(rows: list[dict]) -> None:
-    table(rows, [method(28), Col("mode", 8, param("mode"), left=True), Col("positions", 10, param("positions"), left=True),
-                 Col("k", 3, lambda r: "-" if r["config"]["params"]["mode"] == "offline" else str(r["config"]["params"]["k"])),
-                 Col("phi", 4, param("phi")), Col("BLEU", 6, metric("bleu")), Col("chrF", 6, metric("chrf")),
-                 Col("AL", 6, metric("al")), Col("LAAL", 6, metric("laal")), Col("words", 6, metric("target_words", ".1f")),
+    def k(r: dict) -> str:
+        return "-" if r["config"]["params"]["mode"] == "offline" else str(r["config"]["params"]["k"])
+
+    table(rows, [method(28), Col("mode", 8, param("mode"), left=True),
+                 Col("positions", 10, param("positions"), left=True), Col("k", 3, k), Col("phi", 4, param("phi")),
+                 Col("BLEU", 6, metric("bleu")), Col("chrF", 6, metric("chrf")), Col("AL", 6, metric("al")),
+                 Col("LAAL", 6, metric("laal")), Col("words", 6, metric("target_words", ".1f")),
                  Col("KV KiB", 8, metric("kv_bytes_peak", ".1f", 1024))])
 
 
 def document(rows: list[dict]) -> None:
     table(rows, [method(36), Col("pos", 5, param("positions"), left=True), Col("k", 2, param("k")),
-                 Col("tokens", 6, param("tokens")), Col("sent", 4, lambda r: str(r["metrics"]["sentences"])), Col("BLEU", 6, metric("bleu")),
-                 Col("Q4", 6, metric("bleu_last_quarter")), Col("chrF", 6, metric("chrf")), Col("AL", 6, metric("al")),
-                 Col("LAAL", 6, metric("laal")), Col("KV peak MiB", 11, metric("kv_bytes_peak", ".1f", MIB)),
-                 Col("full MiB", 9, metric("kv_bytes_full", ".1f", MIB)), Col("tok/s", 6, metric("tokens_per_s", ".1f"))],
-          _note)
+                 Col("tokens", 6, param("tokens")), Col("sent", 4, lambda r: str(r["metrics"]["sentences"])),
+                 Col("BLEU", 6, metric("bleu")), Col("Q4", 6, metric("bleu_last_quarter")),
+                 Col("chrF", 6, metric("chrf")), Col("AL", 6, metric("al")), Col("LAAL", 6, metric("laal")),
+                 Col("KV peak MiB", 11, metric("kv_bytes_peak", ".1f", MIB)),
+                 Col("full MiB", 9, metric("kv_bytes_full", ".1f", MIB)),
+                 Col("tok/s", 6, metric("tokens_per_s", ".1f"))], _note)

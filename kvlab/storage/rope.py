@@ -83,7 +83,9 @@ class Rotary:
         arithmetic, summed in float32 and rounded once to ``out``'s dtype."""
         if 0 <= delta < TABLE_POSITIONS:
             table = self._table.get(prepared.device)
-            pair = (table if table is not None and delta < table.shape[0] else self._pairs(delta + 1, prepared.device))[delta]
+            if table is None or delta >= table.shape[0]:
+                table = self._pairs(delta + 1, prepared.device)
+            pair = table[delta]
         else:
             ang = self._inv(prepared.device) * float(delta)
             pair = torch.stack((ang.cos(), ang.sin())).view(2, 1, 1, 1, 1, -1)
