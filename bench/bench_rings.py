@@ -69,9 +69,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _counts(text: str) -> list[int]:
+    counts = [int(c) for c in text.split(",")]  # a ValueError is argparse's one-line usage error
+    if min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--segments", default="2,3,4,8")
+    p.add_argument("--segments", default="2,3,4,8", type=_counts, help="segments per layer, e.g. 2,3,4,8")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT / "rings", help="output stem (.json and .md are added)")
@@ -80,7 +87,7 @@ def main() -> None:
     meta = {"threads": args.threads, "versions": versions(), "git_hash": git_hash(), "machine": machine("cpu"),
             "args": {k: str(v) for k, v in vars(args).items()}}
     with torch.no_grad():
-        rows = [measure(int(c), args.rounds) for c in args.segments.split(",")]
+        rows = [measure(c, args.rounds) for c in args.segments]
     print(table(rows))
     write(args.out, rows, table(rows), meta)
 
