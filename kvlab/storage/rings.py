@@ -104,10 +104,6 @@ class RingSet:
             rot = 2 * self.rotary.inv_freq.shape[0]
             self._k_rot = self.k[..., :rot]  # the rotated channels (partial rotary leaves the others)
 
-    def nbytes(self) -> int:
-        """Bytes the set holds besides the segments' own (their views): the sinks' float32 originals."""
-        return 0 if self._prepared is None else self._prepared.nbytes
-
     def intact(self) -> bool:
         """Every segment still holds its views and its group (budget and scorer), and has taken no step of its own
         since the set's last step."""
