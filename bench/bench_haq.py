@@ -31,7 +31,8 @@ from kvlab.data import load_text, tokenize
 from kvlab.storage.quantized import QuantSegment
 
 OUT = Path(__file__).resolve().parent / "results"
-METHODS = "full;streaming:sinks=4,window=1020;head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2"
+METHODS = ("full;streaming:sinks=4,window=1020;head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2;"
+           "haq:budget=1024,profile={p},bits=8/4/2,rope=post")
 
 
 def measure(model, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int) -> dict:

@@ -24,9 +24,9 @@ from references import rope as _rope
 
 
 def _seg(scorer, budget, bits=8, group_size=4, residual=4, heads=(0, 1), rotary=True,
-         exact_sinks=False) -> QuantSegment:
+         exact_sinks=False, rope="pre") -> QuantSegment:
     group = QuantGroup(heads=heads, budget=budget, scorer=scorer or StreamingLLM(), bits=bits,
-                       group_size=group_size, residual=residual, exact_sinks=exact_sinks)
+                       group_size=group_size, residual=residual, exact_sinks=exact_sinks, rope=rope)
     return QuantSegment(group, Rotary(INV_FREQ) if rotary else None)
 
 
@@ -87,6 +87,41 @@ def test_kept_keys_sit_at_frame_positions_without_drift(chunk):
     assert torch.allclose(ours, literal, atol=1e-4)
     # the sinks are the first two kept (keys close to k0 up to 8-bit error), then the window
     assert torch.allclose(pre[:2], k0[0, 0, :2], atol=0.05) and n == 12
+
+
+@pytest.mark.parametrize("scorer, exact_sinks", [(StreamingLLM(sinks=2, window=10), True),
+                                                 (H2O(budget=12, recent=2, reindex=False), False)])
+def test_post_rope_body_holds_the_rotated_keys_and_reads_them_unrotated(scorer, exact_sinks):
+    """rope=post (KIVI): the body stores the keys as handed over (rotated at their true positions), a read
+    dequantizes them and rotates nothing but the exact sinks, which sit where the dense segment puts them."""
+    g = torch.Generator().manual_seed(11)
+    k0, v = torch.randn(1, 2, 40, D, generator=g), _token_values(40)
+    seg = _seg(scorer, budget=12, exact_sinks=exact_sinks, rope="post")
+    _feed(seg, k0, v, 3)
+    seg.compress()
+    s, t = seg.sink_length, seg.body_length
+    assert seg.body.kpos is None and t > 0  # no positions: keys carry their rotation
+    kept = seg.values[0, :, :, 0].long()  # true positions of the kept tokens, per head
+    body = kept[:, s:s + t]
+    rotated = _rope(k0[0], torch.arange(40))  # (2, 40, D): what the model handed over
+    assert torch.equal(seg.keys[:, :, s:s + t], seg.body.dequantize()[0])  # read as stored
+    for h in range(2):
+        assert torch.allclose(seg.keys[0, h, s:s + t], rotated[h, body[h]], atol=0.05)  # 8-bit of the rotated keys
+    if exact_sinks:  # StreamingLLM: the same tokens as the dense segment, the sinks re-indexed
+        dense = Segment(QuantGroup(heads=(0, 1), budget=12, scorer=scorer), Rotary(INV_FREQ))
+        _feed(dense, k0, v, 3)
+        dense.compress()
+        assert kept[0].tolist() == dense.values[0, 0, :, 0].tolist() == [0, 1, *range(30, 40)]
+        assert torch.allclose(seg.keys[:, :, :s], dense.keys[:, :, :s], atol=1e-5)  # sinks exact at frame positions
+        assert torch.allclose(seg.keys, dense.keys, atol=0.05)  # the body at its true = frame positions
+
+
+@pytest.mark.parametrize("scorer, exact_sinks", [(H2O(budget=8, recent=2, reindex=True), False),
+                                                 (StreamingLLM(sinks=2, window=6), False)])
+def test_post_rope_refuses_to_reindex_what_it_cannot_place(scorer, exact_sinks):
+    with pytest.raises(KvlabError, match="rope=post keeps each quantized key at the position"):
+        _seg(scorer, budget=8, exact_sinks=exact_sinks, rope="post")
+    _seg(scorer, budget=None, exact_sinks=exact_sinks, rope="post")  # nothing evicted: nothing moves
 
 
 # -- storage: token-level eviction -----------------------------------------------------------------
@@ -204,14 +239,18 @@ def test_bad_bits_spec(bad):
 @pytest.mark.parametrize("bad, message", [("quant:bits=3", "bits must be one of 2, 4, 8, 16"),
                                           ("quant:bits=4,group_size=0", "group_size must be"),
                                           ("haq:budget=512,profile=p.json,residual=-1", "residual must be"),
-                                          ("haq:budget=512,bits=8/4/2", "needs profile")])
+                                          ("haq:budget=512,bits=8/4/2", "needs profile"),
+                                          ("haq:budget=512,profile=p.json,rope=after", "rope must be pre or post"),
+                                          ("quant:bits=4,rope=x", "rope must be pre or post"),
+                                          ("haq:budget=512,profile=p.json,rope=post,exact_sinks=0", "needs exact_sinks")])
 def test_bad_settings(bad, message):
     with pytest.raises(KvlabError, match=message):
         build(bad)
 
 
 @pytest.mark.parametrize("spec", ["haq:budget=300,profile=p.json,bits=8/4/2,group_size=16,residual=8,local=0.5",
-                                  "haq:budget=64,profile=p.json,bits=4", "quant:bits=2,group_size=64,residual=0"])
+                                  "haq:budget=64,profile=p.json,bits=4", "quant:bits=2,group_size=64,residual=0",
+                                  "haq:budget=64,profile=p.json,rope=post", "quant:bits=4,rope=post"])
 def test_spec_round_trips(spec):
     m = build(spec)
     again = build(m.spec())
@@ -254,6 +293,17 @@ def test_residual_shrinks_to_fit_a_small_budget_and_group_size_must_fit(llama, t
         make_cache(llama, f"haq:budget=16,profile={profile},bits=8/4/2,recent=2,sinks=1")
 
 
+@pytest.mark.parametrize("rope", ["pre", "post"])
+def test_scored_heads_reindex_only_when_keys_are_rotated_at_read_time(llama, tmp_path, rope):
+    m = build(f"haq:budget=64,profile={round_robin_profile(llama, tmp_path)},bits=8/4/2,group_size=8,rope={rope}")
+    m.prepare(llama)
+    groups = {g.label: g for i in range(2)
+              for g in m.plan(LayerInfo(index=i, num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16))}
+    assert {g.rope for g in groups.values()} == {rope}
+    assert groups["local"].scorer.reindex  # StreamingLLM: only its exact sinks move
+    assert groups["retrieval"].scorer.reindex == groups["induction"].scorer.reindex == (rope == "pre")
+
+
 # -- the cache on tiny models -----------------------------------------------------------------------------
 def _logits(model, spec, ids, chunk):
     cache = make_cache(model, spec)
@@ -263,8 +313,9 @@ def _logits(model, spec, ids, chunk):
     return out, cache
 
 
+@pytest.mark.parametrize("rope", ["pre", "post"])
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2", "tiny_gemma3"])
-def test_8bit_without_eviction_is_close_to_full_and_fewer_bits_degrade(request, tmp_path, family):
+def test_8bit_without_eviction_is_close_to_full_and_fewer_bits_degrade(request, tmp_path, family, rope):
     """8 bits: every element is off by at most scale/2 = range/510 of its group (a group of 4 tokens
     spans ~2 standard deviations), so each stored key/value moves by < 0.5% of its spread; through two
     to four quantized layers the logits move by a few times that: the bound is 3% of their standard
@@ -277,7 +328,8 @@ def test_8bit_without_eviction_is_close_to_full_and_fewer_bits_degrade(request, 
     profile = round_robin_profile(model, tmp_path)
     errs = {}
     for bits in (8, 4, 2):
-        out, cache = _logits(model, f"haq:budget=1000,profile={profile},bits={bits},group_size=4,residual=4", ids, 3)
+        spec = f"haq:budget=1000,profile={profile},bits={bits},group_size=4,residual=4,rope={rope}"
+        out, cache = _logits(model, spec, ids, 3)
         errs[bits] = (out - ref).abs().max().item() / ref.std().item()
         for layer in cache.layers:  # sliding layers of gemma are capped by the cache itself
             if layer.info.sliding_window is None:
@@ -289,8 +341,9 @@ def test_8bit_without_eviction_is_close_to_full_and_fewer_bits_degrade(request, 
 TIGHT = "haq:budget=12,profile={},recent=2,sinks=1,bits=8/4/2,group_size=2,residual=3"
 
 
-def test_tight_haq_keeps_budget_and_shrinks_bytes(llama, tmp_path):
-    spec = TIGHT.format(round_robin_profile(llama, tmp_path))
+@pytest.mark.parametrize("rope", ["pre", "post"])
+def test_tight_haq_keeps_budget_and_shrinks_bytes(llama, tmp_path, rope):
+    spec = TIGHT.format(round_robin_profile(llama, tmp_path)) + f",rope={rope}"
     ha = spec.replace("haq:", "head-aware:").split(",bits=")[0]
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(8))
     full, _ = _logits(llama, "full", ids, 1)

@@ -69,7 +69,8 @@ def _check_padded(model, spec: str, batch_policy: bool) -> None:
         assert (logits[i, :steps] - alone_logits[0]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("spec", ["quant:bits=4,group_size=4,residual=4", "quant:bits=2,group_size=2,residual=1"])
+@pytest.mark.parametrize("spec", ["quant:bits=4,group_size=4,residual=4", "quant:bits=2,group_size=2,residual=1",
+                                  "quant:bits=4,group_size=4,residual=4,rope=post"])
 def test_quantized_padded_rows_quantize_as_alone(tiny_llama, spec):
     """Quantized storage counts a row's real tokens (its key blocks, residual, sinks): a padded batch is stored
     one row at a time, and every row's blocks hold the tokens they hold alone."""

@@ -14,6 +14,11 @@ the ``sinks`` of local heads (``exact_sinks=1``, the default; ``exact_sinks=0`` 
 any other token, as KIVI does: see :mod:`kvlab.storage.quantized` for what they are worth). A head whose budget
 cannot hold ``residual + group_size - 1`` tokens besides its exact sinks gets a shorter residual,
 ``budget - sinks - group_size + 1`` (so a head never holds more than its budget between forward passes).
+
+``rope=pre`` (the default) quantizes keys before RoPE (KVQuant) and rotates every kept key to its position
+at every step, so retrieval and induction heads re-index what they keep; ``rope=post`` quantizes them as the
+model rotated them (KIVI), so a step rotates nothing but the exact sinks, and those heads keep H2O's original
+positions (as head-aware's dense heads do). ``rope=post`` needs ``exact_sinks=1``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Group, LayerInfo, positive
 from kvlab.methods.head_aware import CLASSES, HeadAware
-from kvlab.storage import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup
+from kvlab.storage import GROUP_SIZE, RESIDUAL, WIDTHS, QuantGroup, check_rope
 
 
 class ClassBits(str):
@@ -54,12 +59,14 @@ class ClassBits(str):
 
 @dataclass
 class HAQ(HeadAware):
-    """``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32,exact_sinks=1, + head-aware options]``"""
+    """``haq:budget=512,profile=p.json,bits=8/4/2[,group_size=32,residual=32,exact_sinks=1,rope=pre, + head-aware
+    options]``"""
 
     bits: str = "8/4/2"  # type: ignore[assignment]  # a ClassBits after __post_init__: also bits(cls)
     group_size: int = GROUP_SIZE
     residual: int = RESIDUAL
     exact_sinks: bool = True
+    rope: str = "pre"
     name = "haq"
 
     def __post_init__(self) -> None:
@@ -67,6 +74,12 @@ class HAQ(HeadAware):
         self.bits = ClassBits(self.bits)
         positive("group_size", self.group_size)
         positive("residual", self.residual, allow_zero=True)
+        check_rope(self.rope)
+        if self.rope == "post" and not self.exact_sinks:
+            raise KvlabError("rope=post needs exact_sinks=1: quantized sinks would have to move with every step")
+
+    def reindexes(self, cls: str) -> bool:
+        return super().reindexes(cls) and self.rope == "pre"
 
     def plan(self, layer: LayerInfo) -> list[Group]:
         groups = []
@@ -79,6 +92,6 @@ class HAQ(HeadAware):
                                      f"{sinks + self.group_size - 1} ({sinks} exact sinks + group_size - 1); raise "
                                      f"budget or lower group_size")
                 g = QuantGroup(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)},
-                               group_size=self.group_size, residual=residual, exact_sinks=sinks > 0)
+                               group_size=self.group_size, residual=residual, exact_sinks=sinks > 0, rope=self.rope)
             groups.append(g)
         return groups

@@ -169,6 +169,11 @@ class HeadAware(Method):
         """Bit width of a class's keys and values (16: full precision)."""
         return 16
 
+    def reindexes(self, cls: str) -> bool:
+        """Whether a scored class re-indexes what it keeps: quantized storage rotating keys before RoPE at
+        attention time does it for free; dense storage keeps H2O's original positions."""
+        return self.bits(cls) < 16
+
     def plan(self, layer: LayerInfo) -> list[Group]:
         if not self._classes:
             raise KvlabError(f"{self.name}: the profile was not loaded (build caches with kvlab.make_cache)")
@@ -179,8 +184,8 @@ class HeadAware(Method):
             if cls == "local":
                 scorer: Method = StreamingLLM(sinks=self.sinks, window=b - self.sinks)
             elif cls == "retrieval" and self.retrieve == "keydiff":
-                scorer = KeyDiff(budget=b, recent=self.recent, reindex=self.bits(cls) < 16)
-            else:  # quantized storage rotates keys at attention time, so it re-indexes for free
-                scorer = H2O(budget=b, recent=self.recent, reindex=self.bits(cls) < 16, pool=self.pool)
+                scorer = KeyDiff(budget=b, recent=self.recent, reindex=self.reindexes(cls))
+            else:
+                scorer = H2O(budget=b, recent=self.recent, reindex=self.reindexes(cls), pool=self.pool)
             groups.append(Group(heads=heads, budget=b, scorer=scorer, bits=self.bits(cls), label=cls))
         return groups

@@ -9,14 +9,16 @@ the decode steps of several dense rings of a layer taken as one.
 
 from kvlab.storage.base import Storage, keep_indices
 from kvlab.storage.dense import Segment
-from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, WIDTHS, Group, LayerInfo, QuantGroup, RecentWindow, Scorer
+from kvlab.storage.plan import (GROUP_SIZE, RESIDUAL, ROPE, WIDTHS, Group, LayerInfo, QuantGroup, RecentWindow, Scorer,
+                                check_rope)
 from kvlab.storage.quantized import QuantSegment
 from kvlab.storage.rings import RingSet
 from kvlab.storage.rope import Rotary
 from kvlab.storage.rows import RowSplit
 
-__all__ = ["GROUP_SIZE", "RESIDUAL", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment", "RecentWindow",
-           "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "keep_indices", "make_segment"]
+__all__ = ["GROUP_SIZE", "RESIDUAL", "ROPE", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment",
+           "RecentWindow", "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "check_rope", "keep_indices",
+           "make_segment"]
 
 
 def make_segment(group: Group, rotary: Rotary | None) -> Storage:

@@ -112,14 +112,15 @@ class QuantBody:
         kc = self._unpack(self.kcodes).float()
         nb = self.kscale.shape[2]
         if nb * g == t:  # every block whole: token i uses row i // G
-            torch.add(kc.view(b, h, nb, g, d) * self.kscale.float()[:, :, :, None], self.kzero.float()[:, :, :, None],
-                      out=keys.view(b, h, nb, g, d))
+            torch.addcmul(self.kzero.float()[:, :, :, None], kc.view(b, h, nb, g, d),
+                          self.kscale.float()[:, :, :, None], out=keys.view(b, h, nb, g, d))
         else:  # each token's row, as one index into the (B * h * NB) rows: a row copy, not a per-element gather
             rows = (self.kblock.long() + torch.arange(0, b * h * nb, nb, device=kc.device).view(b, h, 1)).flatten()
             scale = self.kscale.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d)
-            torch.add(kc * scale, self.kzero.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d), out=keys)
+            torch.addcmul(self.kzero.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d), kc, scale, out=keys)
         vc = self._unpack(self.vcodes).view(b, h, t, d // gv, gv).float()
-        torch.add(vc * self.vscale.float()[..., None], self.vzero.float()[..., None], out=values.view(b, h, t, d // gv, gv))
+        torch.addcmul(self.vzero.float()[..., None], vc, self.vscale.float()[..., None],
+                      out=values.view(b, h, t, d // gv, gv))
         return keys, values
 
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:

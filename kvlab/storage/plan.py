@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 GROUP_SIZE = 32  # tokens per key-scale block of quantized storage (KIVI's G)
 RESIDUAL = 32  # newest tokens a quantized group keeps in full precision (KIVI's R)
 WIDTHS = (2, 4, 8, 16)  # bit widths a group may use; 16 = dense
+ROPE = ("pre", "post")  # quantized keys stored before RoPE (KVQuant) or as the model rotated them (KIVI)
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,13 @@ class Group:
 @dataclass(frozen=True)
 class QuantGroup(Group):
     """A :class:`Group` stored KIVI-quantized at ``bits`` (16: dense), ``group_size`` tokens per key
-    block, ``residual`` recent tokens in full precision, the scorer's sinks exact if ``exact_sinks``."""
+    block, ``residual`` recent tokens in full precision, the scorer's sinks exact if ``exact_sinks``; keys
+    quantized before RoPE (``rope="pre"``) or after it (``"post"``, see :mod:`kvlab.storage.quantized`)."""
 
     group_size: int = GROUP_SIZE
     residual: int = RESIDUAL
     exact_sinks: bool = False
+    rope: str = "pre"
 
     def __post_init__(self) -> None:
         if self.bits not in WIDTHS:
@@ -91,6 +94,25 @@ class QuantGroup(Group):
             raise KvlabError(f"group_size must be a positive integer, got {self.group_size!r}")
         if not isinstance(self.residual, int) or self.residual < 0:
             raise KvlabError(f"residual must be a non-negative integer, got {self.residual!r}")
+        check_rope(self.rope)
+        b, s = self.budget, getattr(self.scorer, "sinks", 0) if self.exact_sinks else 0
+        if self.rope == "post" and self.scorer.reindex and b is not None and not by_slice(self.scorer, b + 1, s, b - s):
+            raise KvlabError(f"rope=post keeps each quantized key at the position the model rotated it at: it cannot "
+                             f"re-index the tokens {type(self.scorer).__name__} keeps (chosen by score, or quantized "
+                             "sinks); use rope=pre or reindex=0")
+
+
+def check_rope(rope: str) -> None:
+    """A :class:`KvlabError` unless ``rope`` is one of :data:`ROPE`."""
+    if rope not in ROPE:
+        raise KvlabError(f"rope must be pre or post (quantize keys before or after RoPE), got '{rope}'")
+
+
+def by_slice(scorer: Scorer, n: int, sinks: int, newest: int) -> bool:
+    """Whether ``scorer`` keeps the first ``sinks`` and the ``newest`` last of ``n`` tokens: a positional method's
+    slice, no scores."""
+    window = [(n - newest, n)]
+    return scorer.runs(n) == ([(0, sinks)] + window if sinks else window)
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ drift however often tokens are evicted; when the group's scorer keeps original p
 to their true position instead, kept per body token (int32). The residual is the newest ``r`` tokens, whose
 frame positions are their true positions (``seen - r + j``) in either case: its keys are used as the model
 handed them over, never rotated again.
-KIVI quantizes post-RoPE keys; quantizing pre-RoPE keys per channel is the choice of KVQuant
-(Hooper et al. 2024, "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache
-Quantization"): RoPE mixes pairs of channels with a position-dependent angle, which blurs the
-per-channel outlier structure that per-channel scales exploit.
+Quantizing pre-RoPE keys per channel is the choice of KVQuant (Hooper et al. 2024): RoPE mixes pairs of
+channels with a position-dependent angle, which blurs the per-channel outlier structure that per-channel scales
+exploit. KIVI quantizes post-RoPE keys: ``QuantGroup.rope="post"`` stores the body's keys as the model rotated
+them, so a step dequantizes without rotating (only exact sinks move). Their true positions must then be their
+frame positions: no eviction, a positional scorer with exact sinks, or no re-indexing (else refused up front).
 
 Token-level eviction. Evicting a token from a quantized block leaves the codes of the block's other
 tokens valid under the block's key scales, so :meth:`compress` drops single tokens exactly as the
@@ -61,7 +62,7 @@ from kvlab.errors import KvlabError
 from kvlab.storage.attention import attend
 from kvlab.storage.base import Storage, keep_indices, order
 from kvlab.storage.codes import QuantBody
-from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group
+from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group, by_slice
 from kvlab.storage.rope import Rotary
 
 
@@ -86,7 +87,9 @@ class QuantSegment:
         self.sinks = getattr(group.scorer, "sinks", 0) if getattr(group, "exact_sinks", False) else 0
         self.needs_scores = group.scorer.needs_scores
         self.observed = group.scorer.observed() if self.needs_scores else None
-        self.body = QuantBody(group.bits, self.group_size, positions=not self.reindex)
+        # body keys kept as rotated; QuantGroup checked that their true positions are their frame positions
+        self.post = getattr(group, "rope", "pre") == "post" and rotary is not None
+        self.body = QuantBody(group.bits, self.group_size, positions=not self.reindex and not self.post)
         self.clear()
 
     def clear(self) -> None:
@@ -177,14 +180,21 @@ class QuantSegment:
         b, h, _, d = self.rkeys.shape
         keys = torch.empty(b, h, n, d, dtype=dtype, device=self.device)  # filled in place: no concatenation
         values = torch.empty_like(keys)
+        values[:, :, s + t:] = self.rvalues
+        keys[:, :, s + t:] = self.rkeys
+        if s:
+            values[:, :, :s] = self.svalues
+        if self.post:  # the body's keys are rotated at their true positions, which are their frame positions
+            if t:
+                self.body.dequantize(keys=keys[:, :, s:s + t], values=values[:, :, s:s + t])
+            if s:
+                self.rotary.shift_range(self.skeys, self.seen - n if self.reindex else 0, out=keys[:, :, :s])
+            return keys, values, None
         pre = torch.empty(b, h, s + t, d, device=self.device)  # the sinks' and the body's keys before RoPE, float32
         if s:
             pre[:, :, :s] = self.skeys
-            values[:, :, :s] = self.svalues
         if t:
             self.body.dequantize(keys=pre[:, :, s:], values=values[:, :, s:s + t])
-        values[:, :, s + t:] = self.rvalues
-        keys[:, :, s + t:] = self.rkeys
         if self.rotary is None:
             keys[:, :, :s + t] = pre
         elif self.reindex:  # frame positions seen - n .. of the sinks and the body
@@ -217,8 +227,7 @@ class QuantSegment:
         if budget is None or n <= budget or body == 0:
             return
         k = max(0, budget - s - r)  # body tokens kept
-        window = [(n - k - r, n)]
-        if self.group.scorer.runs(n) == ([(0, s)] + window if s else window):  # the newest body tokens: a slice
+        if by_slice(self.group.scorer, n, s, k + r):  # the newest body tokens: a slice
             self.body.keep_last(k)
             keep = None
         else:
@@ -292,9 +301,10 @@ class QuantSegment:
 
     def _quantize_oldest(self, m: int) -> None:
         """Move the residual's oldest ``m`` tokens (a multiple of G) into the body, un-rotated from their true
-        positions ``seen - r ..``."""
+        positions ``seen - r ..`` unless ``rope`` is post."""
         first = self.seen - self.residual_length
         k = self.rkeys[:, :, :m]
-        k = k if self.rotary is None else self.rotary.shift_range(k, first, -1, torch.float32)
+        if self.rotary is not None and not self.post:
+            k = self.rotary.shift_range(k, first, -1, torch.float32)
         self.body.add(k, self.rvalues[:, :, :m], first)
         self.rkeys, self.rvalues = self.rkeys[:, :, m:].clone(), self.rvalues[:, :, m:].clone()
