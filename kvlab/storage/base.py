@@ -90,10 +90,15 @@ def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``t (B, h, n[, D])`` at token indices ``keep (B, h, k)`` along axis 2."""
-    if t.dim() == 3:
-        return t.gather(2, keep.expand(*t.shape[:2], -1))
-    return t.gather(2, keep[..., None].expand(*t.shape[:2], -1, t.shape[-1]))
+    """``t (B, h, n[, D])`` at token indices ``keep (B, h, k)`` (or ``(k,)``, the same for every row and head)
+    along axis 2. A contiguous ``t`` is copied by whole rows (``index_select`` over its ``B * h * n`` rows), which
+    on a CPU is several times faster than ``gather`` with an index expanded over ``D``."""
+    b, h, n = t.shape[:3]
+    keep = keep.expand(b, h, -1)
+    if not t.is_contiguous():
+        return t.gather(2, keep if t.dim() == 3 else keep[..., None].expand(b, h, -1, t.shape[-1]))
+    rows = (keep + torch.arange(0, b * h * n, n, device=keep.device).view(b, h, 1)).flatten()
+    return t.view(b * h * n, *t.shape[3:]).index_select(0, rows).view(b, h, -1, *t.shape[3:])
 
 
 def order(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

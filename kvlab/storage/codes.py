@@ -24,6 +24,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.quant import BITS, pack, quantize, unpack
+from kvlab.storage.base import gather_tokens
 
 PER_TOKEN = ("kcodes", "vcodes", "vscale", "vzero", "kblock", "kpos")  # tensors with one entry per token (axis 2)
 ALL = PER_TOKEN + ("kscale", "kzero")
@@ -135,8 +136,7 @@ class QuantBody:
         for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t.gather(2, idx if t.dim() == 3 else idx[..., None].expand(*idx.shape,
-                                                                                            t.shape[-1])))
+                setattr(self, name, gather_tokens(t, idx))
 
     def keep_last(self, k: int) -> None:
         """Keep the newest ``k`` tokens (a positional scorer's window): slices, no index tensor."""
