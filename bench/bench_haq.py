@@ -6,8 +6,8 @@ and the share of a HAQ decode step spent dequantizing and rotating the kept keys
 
 For each context and method: real text (pydoc) is prefilled ``--chunk`` tokens at a time through the
 method's cache, then ``--steps`` greedy decode steps are timed one by one after ``--warmup`` steps.
-"dequant share" = time inside ``QuantSegment.dense`` (unpack the codes, apply scales and zero points,
-rotate every kept key to its frame position) / step time; it is measured by wrapping that method.
+"dequant share" = time inside ``QuantSegment.dense`` (unpack the codes, apply scales and zero points, and
+with ``rope=pre`` rotate every kept key to its position) / step time; it is measured by wrapping that method.
 "KV" is ``cache.nbytes()`` after the last step (codes + scales + zero points + full-precision residual
 for HAQ); "% of full" divides by what a full cache holds for the same tokens. SmolLM2 has 8192
 positions: the full cache past them is timed but its outputs are meaningless (the others re-index).

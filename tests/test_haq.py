@@ -12,6 +12,7 @@ from kvlab.cache import make_cache
 from kvlab.errors import KvlabError
 from kvlab.storage import QuantGroup, Rotary, RowSplit
 from kvlab.storage.dense import Segment
+from kvlab.storage.codes import QuantBody
 from kvlab.storage.quantized import QuantSegment
 from kvlab.methods import LayerInfo, build
 from kvlab.methods.h2o import H2O
@@ -137,6 +138,28 @@ def test_streaming_keeps_the_same_tokens_as_the_dense_segment():
     assert seg.values[0, 0, :, 0].tolist() == dense.values[0, 0, :, 0].tolist() == [0, 1, *range(32, 40)]
 
 
+def test_window_bodies_read_their_scale_rows_by_views_bit_for_bit():
+    """Blocks added whole and only the oldest tokens dropped (a positional window): token i uses key-scale row
+    (i + lead) // G, read by views; bit for bit the per-token row index, before and after compaction."""
+    g = torch.Generator().manual_seed(12)
+    body = QuantBody(2, 4, positions=False)
+    body.start(1, 2, D, torch.device("cpu"))
+    body.add(torch.randn(1, 2, 12, D, generator=g), torch.randn(1, 2, 12, D, generator=g), 0)
+    for drop, new in [(1, 0), (2, 4), (3, 0), (4, 8), (6, 0)]:
+        body.keep_last(body.length - drop)
+        if new:
+            body.add(torch.randn(1, 2, new, D, generator=g), torch.randn(1, 2, new, D, generator=g), 0)
+        for _ in range(2):  # then again once the dead rows are compacted
+            general = copy.copy(body)
+            general.lead = None
+            assert body.lead is not None
+            assert all(torch.equal(a, b) for a, b in zip(body.dequantize(), general.dequantize()))
+            body.compact()
+    assert body.kscale.shape[2] == -(-(body.length + body.lead) // 4) and body.lead < 4
+    body.keep(torch.tensor([[[0, 2, 5], [1, 3, 4]]]))  # chosen one by one: the row index says
+    assert body.lead is None
+
+
 @pytest.mark.parametrize("reindex", [True, False])
 def test_exact_sinks_stay_full_precision_at_their_positions(reindex):
     """The first tokens ever seen are kept apart, unquantized, never evicted, and counted."""
@@ -149,6 +172,7 @@ def test_exact_sinks_stay_full_precision_at_their_positions(reindex):
         _feed(s, k0, v, 3)
         s.compress()
     assert (seg.sink_length, seg.length) == (2, 12)
+    assert seg.body.lead is not None and plain.body.lead is None  # a window body; quantized sinks are chosen
     assert seg.values[0, 0, :, 0].tolist() == dense.values[0, 0, :, 0].tolist() == [0, 1, *range(30, 40)]
     # the sinks' keys are exact at their positions (frame 0, 1 or true 0, 1: the same here); at 2 bits, far off
     assert torch.allclose(seg.keys[:, :, :2], dense.keys[:, :, :2], atol=1e-5)

@@ -42,6 +42,9 @@ class QuantBody:
     def clear(self) -> None:
         self.kcodes = self.vcodes = self.kscale = self.kzero = self.kblock = self.vscale = self.vzero = None
         self.kpos: torch.Tensor | None = None
+        # token i uses key-scale row (i + lead) // G for every head (blocks added whole, only the oldest tokens
+        # dropped: a positional window); None once tokens were chosen one by one (kblock says)
+        self.lead: int | None = 0
 
     def start(self, b: int, h: int, d: int, device: torch.device) -> None:
         """Empty tensors for ``b`` rows of ``h`` heads of ``d`` channels."""
@@ -87,6 +90,8 @@ class QuantBody:
         ``first..first+m-1``, as the newest tokens."""
         b, h, m, d = keys.shape
         bits, width = self.bits, d * self.bits // 8
+        if self.lead is not None and self.lead + self.length != self.group_size * self.kscale.shape[2]:
+            self.lead = None
         qk = quantize(keys, bits, axis=2, group_size=self.group_size)  # codes in (B, h, D, m) order
         kc = unpack(qk.data, bits, keys.numel()).view(b, h, d, m).transpose(2, 3)  # (B, h, m, D), once per block
         qv = quantize(values, bits, axis=3, group_size=self.vgroup)  # codes already in (B, h, m, D) order
@@ -112,7 +117,15 @@ class QuantBody:
         values = torch.empty(b, h, t, d, device=self.kcodes.device) if values is None else values
         kc = self._unpack(self.kcodes).float()
         nb = self.kscale.shape[2]
-        if nb * g == t:  # every block whole: token i uses row i // G
+        if self.lead is not None:  # a partial oldest block (row r0), then whole blocks: views, no index
+            r0, head = self.lead // g, min(t, -self.lead % g)
+            if head:
+                torch.addcmul(self.kzero[:, :, r0, None].float(), kc[:, :, :head], self.kscale[:, :, r0, None].float(),
+                              out=keys[:, :, :head])
+            r1, nb = r0 + (head > 0), (t - head) // g
+            torch.addcmul(self.kzero[:, :, r1:r1 + nb, None].float(), kc[:, :, head:].view(b, h, nb, g, d),
+                          self.kscale[:, :, r1:r1 + nb, None].float(), out=keys[:, :, head:].view(b, h, nb, g, d))
+        elif nb * g == t:  # every block whole: token i uses row i // G
             torch.addcmul(self.kzero.float()[:, :, :, None], kc.view(b, h, nb, g, d),
                           self.kscale.float()[:, :, :, None], out=keys.view(b, h, nb, g, d))
         else:  # each token's row, as one index into the (B * h * NB) rows: a row copy, not a per-element gather
@@ -133,6 +146,7 @@ class QuantBody:
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep the tokens at ``idx (B, h, k)`` (increasing): per-head choices."""
+        self.lead = None
         for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
@@ -141,6 +155,8 @@ class QuantBody:
     def keep_last(self, k: int) -> None:
         """Keep the newest ``k`` tokens (a positional scorer's window): slices, no index tensor."""
         drop = self.length - k
+        if self.lead is not None:
+            self.lead += drop
         for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
@@ -148,7 +164,15 @@ class QuantBody:
 
     def compact(self) -> None:
         """Drop the key-scale rows no kept token uses; renumber ``kblock``. Heads keep their live rows in
-        time order, padded to the largest count over heads. Reads a count back from the device."""
+        time order, padded to the largest count over heads. Reads a count back from the device, unless only
+        the oldest rows are dead (``lead``)."""
+        if self.lead is not None:
+            dead = self.lead // self.group_size
+            if dead:
+                self.kscale, self.kzero = self.kscale[:, :, dead:].clone(), self.kzero[:, :, dead:].clone()
+                self.kblock = self.kblock - dead
+                self.lead -= dead * self.group_size
+            return
         rows = self.kscale.shape[2]
         idx = self.kblock.long()  # (B, h, T)
         live = torch.zeros(*idx.shape[:2], rows, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
