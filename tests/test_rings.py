@@ -134,6 +134,9 @@ def test_head_aware_steps_its_local_windows_as_one_set(tmp_path):
                 out.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
                 if sets and t > 21:
                     assert all(layer._rings is not None for layer in cache.layers)
+                    for layer in cache.layers:  # the set's float32 sink copies are counted beside the bytes held
+                        own = sum(seg.reserved_nbytes() for seg in layer.segments)
+                        assert layer.reserved_nbytes() == own + layer._rings._prepared.nbytes > own
             out.append(model(ids[:, 56:60], past_key_values=cache).logits)
             assert all(layer._rings is None for layer in cache.layers)
             out.append(model(ids[:, 59:60], past_key_values=cache).logits)

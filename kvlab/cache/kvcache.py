@@ -141,6 +141,11 @@ class KVLayer(CacheLayerMixin):
         """The part of :meth:`nbytes` that keeps exact originals of re-indexed keys (e.g. StreamingLLM's sinks)."""
         return sum(seg.source_nbytes() for seg in self.segments)
 
+    def reserved_nbytes(self) -> int:
+        """Bytes held beside :meth:`nbytes`: the segments' spare room and float32 sink copies, and the ring set's."""
+        rings = self._rings.reserved_nbytes() if self._rings is not None else 0
+        return rings + sum(seg.reserved_nbytes() for seg in self.segments)
+
     def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
                valid: torch.Tensor | None = None, prefix: KVLayer | None = None) -> torch.Tensor:
         """Store the pending tokens (``valid (B, q)``: which are real), then ``query (B, heads, q, D)`` →
@@ -202,6 +207,11 @@ class KVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held now by the kept keys and values (and quantization scales), all layers."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes held beside :meth:`nbytes` and outside any budget (spare room, float32 copies a step reads), all
+        layers."""
+        return sum(layer.reserved_nbytes() for layer in self.layers)
 
     @property
     def seen_tokens(self) -> int:

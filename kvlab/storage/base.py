@@ -66,6 +66,11 @@ class Storage(Protocol):
         """The part of :meth:`nbytes` that keeps exact originals of moved keys (no drift in low precision)."""
         ...
 
+    def reserved_nbytes(self) -> int:
+        """Bytes held beside :meth:`nbytes` and outside the budget: spare room to grow into, float32 copies that a
+        step reads."""
+        ...
+
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-axis reorder / repeat / select to every stored tensor."""
         ...

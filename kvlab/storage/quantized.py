@@ -135,7 +135,11 @@ class QuantSegment:
         return {"codes": codes, "scales": scales, "residual": exact}
 
     def source_nbytes(self) -> int:
-        """Keys are kept before RoPE here: no separate originals."""
+        """No separate originals: the exact sinks are kept before RoPE in place of their keys."""
+        return 0
+
+    def reserved_nbytes(self) -> int:
+        """Nothing beside :meth:`nbytes`: every tensor is exactly as large as what it holds."""
         return 0
 
     def nbytes(self) -> int:

@@ -104,6 +104,11 @@ class RingSet:
             rot = 2 * self.rotary.inv_freq.shape[0]
             self._k_rot = self.k[..., :rot]  # the rotated channels (partial rotary leaves the others)
 
+    def reserved_nbytes(self) -> int:
+        """The float32 copies of the segments' sink originals that a step rotates (the keys and values themselves
+        are the segments' bytes, moved here)."""
+        return self._prepared.nbytes if self._prepared is not None else 0
+
     def intact(self) -> bool:
         """Every segment still holds its views and its group (budget and scorer), and has taken no step of its own
         since the set's last step."""

@@ -53,6 +53,9 @@ class RowSplit:
     def source_nbytes(self) -> int:
         return sum(part.source_nbytes() for part in self.parts)
 
+    def reserved_nbytes(self) -> int:
+        return sum(part.reserved_nbytes() for part in self.parts)
+
     def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Add ``(B, h, q, D)`` keys and values, ``valid (B, q)`` marking the real ones (None: all)."""
         if self.rows is None and valid is not None and not bool(valid.all()):
