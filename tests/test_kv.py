@@ -8,7 +8,7 @@ import torch
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Group
 from kvlab.storage import Rotary, keep_indices
-from kvlab.storage.attention import block_mask
+from kvlab.storage.attention import attend, block_mask
 from kvlab.storage.dense import Segment
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
@@ -131,6 +131,24 @@ def test_scores_accumulate_attention_mass():
 def test_keep_indices_sorted_in_time():
     s = torch.tensor([0.5, 9.0, float("inf"), 1.0, 7.0])
     assert keep_indices(s, 3).tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("visible, window", [(0, None), (3, None), (0, 5)])
+def test_observed_queries_probabilities_alone_equal_the_full_eager_pass(visible, window):
+    """A scorer reading the last ``observed`` queries' attention (SnapKV, TOVA) gets their probabilities from
+    those queries alone, and every output from the plain path: the same as one eager pass over all queries."""
+    g = torch.Generator().manual_seed(5)
+    q, n = 12, 16
+    query, keys, values = (torch.randn(1, 4, q, D, generator=g), torch.randn(1, 2, n, D, generator=g),
+                           torch.randn(1, 2, n, D, generator=g))
+    kw = dict(scaling=D ** -0.5, visible=visible, window=window)
+    out, received = attend(query, keys, values, need_probs=True, observed=3, **kw)
+    eager, _ = attend(query, keys, values, need_probs=True, **kw)
+    mask = block_mask(0, q, q, n, visible=visible, window=window, device=query.device)
+    logits = (query.view(1, 2, 2, q, D) @ keys[:, :, None].transpose(-1, -2)) * D ** -0.5
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)  # (1, h, g, q, n)
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert torch.allclose(received, probs[:, :, :, -3:].mean(2).sum(2), atol=1e-6)
 
 
 def test_mask_causal_and_sliding():

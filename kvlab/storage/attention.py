@@ -11,7 +11,8 @@ optionally
 * ``window``: a sliding window (a query sees keys less than ``window`` tokens back);
 * ``softcap``: Gemma-2's attention logit soft-capping, ``cap * tanh(logits / cap)``;
 * ``need_probs``: also return the attention probability each key received ``(B, h, n)`` float32 (mean
-  over a KV head's ``g`` query heads, summed over the queries; or over the last ``observed`` queries).
+  over a KV head's ``g`` query heads, summed over the queries; or over the last ``observed`` queries, whose
+  probabilities are then the only ones computed: the outputs take the plain path).
 
 Nothing of size ``q x n`` is materialized beyond one block of queries: a prefill with nothing cached
 and no padding uses sdpa's causal kernel; a single query without padding needs no mask at all (the
@@ -62,6 +63,11 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
     b, hq, q, _ = query.shape
     h, n = keys.shape[1], keys.shape[2]
     g = hq // h
+    if need_probs and observed is not None and q > observed:  # the scorer reads only the last queries' attention:
+        # every output by the plain path, then those queries again for their probabilities (as kvpress's presses do)
+        kw = dict(scaling=scaling, visible=visible, valid=valid, window=window, softcap=softcap, block=block)
+        return attend(query, keys, values, **kw)[0], attend(query[:, :, q - observed:], keys, values, **kw,
+                                                            need_probs=True)[1]
     plain = softcap is None and not need_probs
     unmasked = q == 1 and valid is None and not visible and (window is None or n <= window)
     if plain and valid is None and not visible:
@@ -74,7 +80,6 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
     one = rows >= q  # a single block: its results are the outputs, nothing is copied into place
     out = None if one else torch.empty_like(query)
     received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device) if need_probs and not one else None
-    first_observed = 0 if observed is None else max(0, q - observed)
     for start in range(0, q, rows):
         stop = min(q, start + rows)
         block = query if one else query[:, :, start:stop]
@@ -96,13 +101,11 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
             probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
             del logits
             res = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)
-            if need_probs and stop > first_observed:
-                got = probs[..., max(0, first_observed - start):, :].mean(dim=2).sum(dim=2)
+            if need_probs:
+                got = probs.mean(dim=2).sum(dim=2)
                 received = got if received is None else received.add_(got)
         if one:
             out = res
         else:
             out[:, :, start:stop] = res
-    if need_probs and received is None:  # no query observed (cannot happen with observed >= 1)
-        received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device)
     return out, received
