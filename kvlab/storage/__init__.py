@@ -17,8 +17,8 @@ from kvlab.storage.rope import Rotary
 from kvlab.storage.rows import RowSplit
 
 __all__ = ["GROUP_SIZE", "RESIDUAL", "ROPE", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment",
-           "RecentWindow", "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "check_rope", "keep_indices",
-           "make_segment"]
+           "RecentWindow", "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "check_rope",
+           "keep_indices", "make_segment"]
 
 
 def make_segment(group: Group, rotary: Rotary | None) -> Storage:

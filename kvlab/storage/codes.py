@@ -31,7 +31,8 @@ ALL = PER_TOKEN + ("kscale", "kzero")
 
 
 class QuantBody:
-    """Quantized keys (before RoPE) and values of ``T`` tokens of ``h`` heads, in time order."""
+    """Quantized keys (before RoPE, or as rotated: the segment decides) and values of ``T`` tokens of ``h`` heads,
+    in time order."""
 
     def __init__(self, bits: int, group_size: int, positions: bool):
         if bits not in BITS:
@@ -86,7 +87,7 @@ class QuantBody:
                 setattr(self, name, fn(t))
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
-        """Quantize ``keys`` (before RoPE) and ``values`` ``(B, h, m, D)``, m a multiple of G, at true positions
+        """Quantize ``keys`` and ``values`` ``(B, h, m, D)``, m a multiple of G, at true positions
         ``first..first+m-1``, as the newest tokens."""
         b, h, m, d = keys.shape
         bits, width = self.bits, d * self.bits // 8
@@ -109,8 +110,9 @@ class QuantBody:
 
     def dequantize(self, keys: torch.Tensor | None = None,
                    values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (before RoPE, float32) and values, ``(B, h, T, D)`` each; written into ``keys`` / ``values`` when
-        given (views of larger buffers, so no copy follows), computed in float32 and stored in their dtype."""
+        """Keys (as stored: before RoPE, or rotated) and values, ``(B, h, T, D)`` each, float32 unless ``keys`` /
+        ``values`` are given (views of larger buffers, so no copy follows): computed in float32, stored in their
+        dtype."""
         b, h, t, _ = self.kcodes.shape
         d, g, gv = self.kscale.shape[-1], self.group_size, self.vgroup
         keys = torch.empty(b, h, t, d, device=self.kcodes.device) if keys is None else keys

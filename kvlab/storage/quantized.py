@@ -24,31 +24,25 @@ tokens, budget 512, ``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bri
 2024) keep the first token's KV in full precision for the same reason. Kept tokens read in the
 order sinks, body, residual.
 
-Positions. Quantized keys and sinks are stored **before RoPE**: a key is un-rotated from its true position
-(in float32) when it becomes a sink or leaves the residual for the body. At attention time they are
-dequantized and rotated, in float32 and rounded once to the model's dtype, to their frame position
-``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.dense`), which is exact re-indexing with no
-drift however often tokens are evicted; when the group's scorer keeps original positions (H2O's default),
-to their true position instead, kept per body token (int32). The residual is the newest ``r`` tokens, whose
-frame positions are their true positions (``seen - r + j``) in either case: its keys are used as the model
-handed them over, never rotated again.
-Quantizing pre-RoPE keys per channel is the choice of KVQuant (Hooper et al. 2024): RoPE mixes pairs of
-channels with a position-dependent angle, which blurs the per-channel outlier structure that per-channel scales
-exploit. KIVI quantizes post-RoPE keys: ``QuantGroup.rope="post"`` stores the body's keys as the model rotated
-them, so a step dequantizes without rotating (only exact sinks move). Their true positions must then be their
-frame positions: no eviction, a positional scorer with exact sinks, or no re-indexing (else refused up front).
+Positions. With ``rope="pre"`` (the default) quantized keys and sinks are stored **before RoPE**: a key is
+un-rotated from its true position (in float32) when it becomes a sink or leaves the residual for the body. At
+attention time they are dequantized and rotated, in float32 and rounded once to the model's dtype, to their frame
+position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.dense`): exact re-indexing, no drift
+however often tokens are evicted; when the scorer keeps original positions (H2O's default), to their true
+position instead, kept per body token (int32). This is KVQuant's choice (Hooper et al. 2024): RoPE turns pairs of
+channels by a position-dependent angle, which blurs the per-channel structure that per-channel scales exploit.
+``rope="post"`` (KIVI's) stores the body's keys as the model rotated them: a step dequantizes without rotating
+(only exact sinks move), so true positions must be frame positions: no eviction, a positional scorer with exact
+sinks, or no re-indexing (:class:`~kvlab.storage.plan.QuantGroup` refuses anything else). The residual (the newest
+``r`` tokens, whose frame positions are their true ones) is used as the model handed it over, in either case.
 
-Token-level eviction. Evicting a token from a quantized block leaves the codes of the block's other
-tokens valid under the block's key scales, so :meth:`compress` drops single tokens exactly as the
-dense segment does: the group's scorer scores every kept token (``(n,)`` or ``(B, h, n)``, body then
-residual in time order), the residual is always kept, and the best body tokens fill the rest of the
-budget; a positional scorer (StreamingLLM's window, a sliding layer) drops the oldest body tokens by a
-slice, without scores. A block's scale row lives as long as one of its tokens does (rows are compacted
-after each eviction, once every ``group_size`` steps when decoding; with per-head scores a head may carry
-a few dead rows as padding, which are counted).
-Whole-block (page-level) eviction was tried first: on SmolLM2 (pydoc, 2048 tokens, budget 512) it
-cost 3% perplexity over token-level eviction even with exact (unquantized) blocks, because a block
-of 32 tokens rarely holds only heavy hitters.
+Token-level eviction. Dropping a token from a quantized block leaves the codes of the block's other tokens
+valid under the block's key scales, so :meth:`compress` drops single tokens as the dense segment does: the
+scorer scores every kept token (``(n,)`` or ``(B, h, n)``, body then residual), the residual is always kept and
+the best body tokens fill the budget; a positional scorer (a window, a sliding layer) drops the oldest body
+tokens by a slice. A block's scale row lives as long as one of its tokens does (compacted once every
+``group_size`` decode steps; per-head choices may leave a head a few counted dead rows as padding). Whole-block
+eviction cost 3% perplexity over it on SmolLM2 (pydoc, 2048 tokens, budget 512), even with exact blocks.
 The scores are float32 bookkeeping and, as for the dense segment, not counted in :meth:`nbytes`.
 """
 
