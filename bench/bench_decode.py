@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from timing import Inside, run_meta, write
+from timing import Inside, run_meta, short_spec, write
 from torch.overrides import TorchFunctionMode
 
 import kvlab
@@ -107,11 +106,6 @@ def _plain_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _short(spec: str) -> str:
-    """A spec without its profile path (the run's meta names it), keeping every other option."""
-    return re.sub(r",profile=[^,]*", "", spec)
-
-
 def table(rows: list[dict]) -> str:
     by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}
     lines = ["| context | implementation | step ms | vs kvlab full | vs transformers sdpa | update share | torch calls "
@@ -119,7 +113,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         full, sdpa = by.get(("full", r["context"])), by.get(("sdpa", r["context"]))
         ratio = lambda ref: f"{ref['step_ms'] / r['step_ms']:.2f}x" if ref else "n/a"  # noqa: E731
-        name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{_short(r['impl'])}`"
+        name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{short_spec(r['impl'])}`"
         lines.append(f"| {r['context']} | {name} | {r['step_ms']} | {ratio(full)} | {ratio(sdpa)} | "
                      f"{100 * r['update_share']:.1f}% | {r['torch_calls']} | {r['kv_mib']} |")
     return "\n".join(lines)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
-from timing import Inside, decode, run_meta, write
+from timing import Inside, decode, run_meta, short_spec, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -47,7 +46,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| context | method | step ms | tokens/s | vs full | dequant ms | dequant share | KV MiB | % of full KV |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        name = re.sub(r",profile=[^,]*", "", r["method"])  # the profile path is in the JSON
+        name = short_spec(r["method"])  # the profile path is in the JSON
         if "skipped" in r:
             lines.append(f"| {r['context']} | `{name}` | skipped: {r['skipped']} | | | | | | |")
             continue
