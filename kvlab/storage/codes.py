@@ -118,19 +118,16 @@ class QuantBody:
         keys = torch.empty(b, h, t, d, device=self.kcodes.device) if keys is None else keys
         values = torch.empty(b, h, t, d, device=self.kcodes.device) if values is None else values
         kc = self._unpack(self.kcodes).float()
-        nb = self.kscale.shape[2]
         if self.lead is not None:  # a partial oldest block (row r0), then whole blocks: views, no index
             r0, head = self.lead // g, min(t, -self.lead % g)
             if head:
                 torch.addcmul(self.kzero[:, :, r0, None].float(), kc[:, :, :head], self.kscale[:, :, r0, None].float(),
                               out=keys[:, :, :head])
-            r1, nb = r0 + (head > 0), (t - head) // g
-            torch.addcmul(self.kzero[:, :, r1:r1 + nb, None].float(), kc[:, :, head:].view(b, h, nb, g, d),
-                          self.kscale[:, :, r1:r1 + nb, None].float(), out=keys[:, :, head:].view(b, h, nb, g, d))
-        elif nb * g == t:  # every block whole: token i uses row i // G
-            torch.addcmul(self.kzero.float()[:, :, :, None], kc.view(b, h, nb, g, d),
-                          self.kscale.float()[:, :, :, None], out=keys.view(b, h, nb, g, d))
+            r1, whole = r0 + (head > 0), (t - head) // g
+            torch.addcmul(self.kzero[:, :, r1:r1 + whole, None].float(), kc[:, :, head:].view(b, h, whole, g, d),
+                          self.kscale[:, :, r1:r1 + whole, None].float(), out=keys[:, :, head:].view(b, h, whole, g, d))
         else:  # each token's row, as one index into the (B * h * NB) rows: a row copy, not a per-element gather
+            nb = self.kscale.shape[2]
             rows = (self.kblock.long() + torch.arange(0, b * h * nb, nb, device=kc.device).view(b, h, 1)).flatten()
             scale = self.kscale.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d)
             torch.addcmul(self.kzero.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d), kc, scale, out=keys)
