@@ -9,7 +9,8 @@ It runs, and writes ``$OUT/gpu_check.json`` and ``$OUT/gpu_check.md`` (``--out``
 
 1. the contract in bf16 on CUDA: each model's config cut to two layers (real widths, heads, RoPE, Gemma-2's
    soft-capping and sliding window); every method at a lossless budget against transformers' DynamicCache
-   (sdpa; eager for Gemma-2), no NaN or inf, a tight budget holding fewer bytes;
+   (sdpa; eager for Gemma-2), no NaN or inf, a tight budget holding fewer bytes; decode steps of the tight
+   and quantized specs under CUDA's sync debug mode "error": none may wait for the device;
 2. one-pass prefill time and decode ms per token at 8k and 32k context, batch 1 and 8, for plain transformers
    (sdpa, DynamicCache) and kvlab ``full``, ``streaming``, ``h2o``, ``head-aware`` and ``haq`` (budget 1024;
    a round-robin head profile), on Llama-3.1-8B's config at full depth;
@@ -131,7 +132,35 @@ def contract(name: str, cfg: dict, device: str, smoke: bool, folder: Path) -> li
         finite = bool(torch.isfinite(out).all())
         rows.append({"model": name, "method": method, "chunk": 1, "budget": "tight", "finite": finite,
                      "ok": finite and cache.nbytes() < full_bytes.nbytes()})
+    quantized = {"haq": f"haq:budget=32,profile={prof},recent=2,sinks=1,bits=8/4/2,group_size=4,residual=4",
+                 "quant": "quant:bits=4,group_size=4,residual=4"}
+    for method, spec in {**tight, **quantized}.items():
+        rows.append({"model": name, "method": method, "budget": "tight", **decode_syncs(model, spec, ids, device)})
     return rows
+
+
+def decode_syncs(model: torch.nn.Module, spec: str, ids: torch.Tensor, device: str) -> dict:
+    """Decode steps under CUDA's sync debug mode "error": does any of them wait for the device (a value read
+    back, a blocking copy)? The first such wait, if any (tests/test_host_sync.py checks the same on the CPU)."""
+    import kvlab
+
+    cuda = device.startswith("cuda")
+    cache = kvlab.make_cache(model, spec)
+    with torch.no_grad():
+        token = model(ids[:1], past_key_values=cache).logits[:, -1:].argmax(-1)
+        sync(device)
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(24):  # several blocks of 4 quantized, evicted and compacted
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            found = "none" if cuda else "not checked (CPU)"
+        except RuntimeError as exc:
+            found = str(exc).splitlines()[0][:200]
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    return {"host_syncs": found, "ok": found in ("none", "not checked (CPU)")}
 
 
 def speed(model: torch.nn.Module, impl: str, context: int, batch: int, steps: int, device: str) -> dict:
@@ -209,10 +238,20 @@ def main() -> None:
     print(table(report))
 
 
+def host_syncs(rows: list[dict]) -> str:
+    """One line: the decode steps that waited for the device (each with its first wait), or none."""
+    found = {r["host_syncs"] for r in rows if "host_syncs" in r}
+    if found <= {"none", "not checked (CPU)"}:
+        return " ".join(sorted(found)) or "not run"
+    return "; ".join(f"{r['model']} {r['method']}: {r['host_syncs']}" for r in rows
+                     if r.get("host_syncs") not in (None, "none"))
+
+
 def table(report: dict) -> str:
     ok = all(r["ok"] for r in report["contract"])
     lines = [f"GPU check on {report['device']} (torch {report['torch']}, transformers {report['transformers']}): "
              f"contract {'passed' if ok else 'FAILED'}, {report.get('seconds')} s", "",
+             "Host syncs in decode steps: " + host_syncs(report["contract"]), "",
              "| context | batch | impl | prefill s | decode ms/token | vs sdpa | vs kvlab full | peak - weights MiB |",
              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     by = {(r["context"], r["batch"], r["impl"]): r for r in report["speed"]}

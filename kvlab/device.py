@@ -44,3 +44,24 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so that wall-clock timings are honest on CUDA."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class HostCopy:
+    """A small device tensor copied to host memory without waiting for the device: its value is read later
+    (:meth:`ints`), once the copy is done, so a decode step never stalls on it. On CUDA the copy goes to pinned
+    memory behind an event; elsewhere it is a copy made now. Reading it never dispatches a tensor read."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._done: torch.cuda.Event | None = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = t.detach().to("cpu", copy=True), None
+
+    def ints(self) -> list[int]:
+        """The values, flattened (waits for the copy only if it is not done yet)."""
+        if self._done is not None and not self._done.query():  # only if the device is that far behind
+            self._done.synchronize()
+        return [int(v) for v in self._host.numpy().reshape(-1)]

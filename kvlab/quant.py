@@ -35,7 +35,7 @@ from kvlab.errors import KvlabError
 
 BITS = (2, 4, 8)
 
-__all__ = ["BITS", "QTensor", "quantize", "dequantize", "fake_quantize", "pack", "unpack",
+__all__ = ["BITS", "QTensor", "quantize", "dequantize", "fake_quantize", "finite", "overflow", "pack", "unpack",
            "quantize_keys", "quantize_values"]
 
 
@@ -132,23 +132,23 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _round_toward(t: torch.Tensor, dtype: torch.dtype, exact: torch.Tensor, up: bool) -> torch.Tensor:
-    """``t`` cast to ``dtype``, nudged one ulp so the stored value is >= (``up``) or <= ``exact``."""
+    """``t`` cast to ``dtype``, nudged one ulp so the stored value is >= (``up``) or <= ``exact`` (no branch on
+    the values: nothing is read back from the device)."""
     stored = t.to(dtype)
     wrong = stored.to(exact.dtype) < exact if up else stored.to(exact.dtype) > exact
-    if bool(wrong.any()):
-        direction = torch.full_like(stored, float("inf") if up else float("-inf"))
-        stored = torch.where(wrong, torch.nextafter(stored, direction), stored)
-    return stored
+    direction = torch.full_like(stored, float("inf") if up else float("-inf"))
+    return torch.where(wrong, torch.nextafter(stored, direction), stored)
 
 
 def quantize(x: torch.Tensor, bits: int, *, axis: int, group_size: int,
-             scale_dtype: torch.dtype = torch.float16) -> QTensor:
+             scale_dtype: torch.dtype = torch.float16, check: bool = True) -> QTensor:
     """Quantize ``x`` in groups of ``group_size`` consecutive elements along ``axis``.
 
     Every index of the other axes gets its own groups, e.g. for keys ``(B, H, T, D)`` with
     ``axis=2`` each channel of each head has one scale per ``group_size`` tokens.
     ``scale_dtype`` is the dtype of the stored scales and zero points (float16 by default);
-    values beyond its range are a KvlabError (pass ``torch.float32``).
+    values beyond its range are a KvlabError (pass ``torch.float32``). That check reads a flag back from the
+    device; ``check=False`` skips it, for a caller that checks :func:`finite` of the result later.
     """
     _check_bits(bits)
     if not x.is_floating_point():
@@ -167,15 +167,30 @@ def quantize(x: torch.Tensor, bits: int, *, axis: int, group_size: int,
     mn, mx = groups.amin(dim=-1), groups.amax(dim=-1)               # (..., G)
     zero = _round_toward(mn, scale_dtype, mn, up=False)
     scale = _round_toward((mx - zero.to(compute)) / levels, scale_dtype, (mx - zero.to(compute)) / levels, up=True)
-    if not (bool(torch.isfinite(zero).all()) and bool(torch.isfinite(scale).all())):
-        raise KvlabError(f"values of magnitude up to {float(moved.abs().max()):.3g} (or non-finite values) do not fit "
-                         f"{scale_dtype} scales; quantize with scale_dtype=torch.float32")
+    if check and not bool(_finite(scale, zero)):
+        raise KvlabError(f"{overflow(scale_dtype)} (values of magnitude up to {float(moved.abs().max()):.3g})")
     s, z = scale.to(compute).unsqueeze(-1), zero.to(compute).unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.clamp(torch.round((groups - z) / safe), 0, levels)  # (..., G, gs)
     codes = codes.reshape(*moved.shape[:-1], -1)[..., :moved.shape[-1]]
     return QTensor(data=pack(codes, bits), scale=scale, zero=zero, bits=bits, shape=x.shape,
                    axis=axis, group_size=group_size)
+
+
+def finite(q: QTensor) -> torch.Tensor:
+    """Whether every scale and zero point of ``q`` is finite: a 0-dim bool tensor on ``q``'s device (not read
+    back)."""
+    return _finite(q.scale, q.zero)
+
+
+def _finite(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(scale).all() & torch.isfinite(zero).all()
+
+
+def overflow(scale_dtype: torch.dtype = torch.float16) -> str:
+    """The error of values whose scales do not fit ``scale_dtype``."""
+    return (f"values too large (or non-finite) for {scale_dtype} quantization scales; quantize with "
+            "scale_dtype=torch.float32")
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

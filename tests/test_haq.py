@@ -160,6 +160,50 @@ def test_window_bodies_read_their_scale_rows_by_views_bit_for_bit():
     assert body.lead is None
 
 
+def test_a_decode_steps_compaction_uses_the_count_sent_the_compaction_before():
+    """Per-token choices (H2O): a lazy compaction reads no count from the device. It compacts the rows there were
+    at the previous compaction down to the count sent then (a row dead then is dead now), newer rows later. The
+    tokens read the same bits throughout, and two lazy compactions in a row end where a waiting one does."""
+    g = torch.Generator().manual_seed(13)
+    body = QuantBody(2, 4, positions=False)
+    body.start(1, 2, D, torch.device("cpu"))
+    body.add(torch.randn(1, 2, 16, D, generator=g), torch.randn(1, 2, 16, D, generator=g), 0)
+    shrunk = False
+    for _ in range(6):
+        keep = torch.sort(torch.rand(1, 2, body.length, generator=g).argsort(-1)[..., :body.length // 2 + 2]).values
+        body.keep(keep)
+        body.add(torch.randn(1, 2, 4, D, generator=g), torch.randn(1, 2, 4, D, generator=g), 0, check=False)
+        before = body.dequantize()
+        waited, rows = copy.deepcopy(body), body.kscale.shape[2]
+        waited.compact()
+        body.compact(wait=False)
+        shrunk = shrunk or body.kscale.shape[2] < rows
+        assert all(torch.equal(a, b) for a, b in zip(before, body.dequantize()))
+        assert all(torch.equal(a, b) for a, b in zip(before, waited.dequantize()))
+        assert body.kscale.shape[2] >= waited.kscale.shape[2]
+    assert shrunk  # the lazy compactions did drop rows
+    body.compact(wait=False)  # nothing changed since the last one: now as compact as a waiting compaction
+    assert body.kscale.shape[2] == waited.kscale.shape[2]
+    assert all(torch.equal(a, b) for a, b in zip(before, body.dequantize()))
+
+
+def test_a_decode_steps_float16_overflow_is_reported_by_the_next_block_without_waiting():
+    """A block quantized in a decode step (``check=False``) is not read back then; the next block (or
+    :meth:`QuantBody.check`) reports it, from a flag already on the host. A prefill block reports at once."""
+    body = QuantBody(4, 4, positions=False)
+    body.start(1, 1, D, torch.device("cpu"))
+    huge = torch.full((1, 1, 4, D), 1e6)
+    huge[..., 0, :] = -1e6
+    body.add(huge, torch.zeros(1, 1, 4, D), 0, check=False)  # no error yet
+    with pytest.raises(KvlabError, match="float32"):
+        body.add(torch.zeros(1, 1, 4, D), torch.zeros(1, 1, 4, D), 0, check=False)
+    body.add(huge, torch.zeros(1, 1, 4, D), 0, check=False)
+    with pytest.raises(KvlabError, match="float32"):
+        body.check()
+    with pytest.raises(KvlabError, match="float32"):
+        body.add(huge, torch.zeros(1, 1, 4, D), 0)
+
+
 @pytest.mark.parametrize("reindex", [True, False])
 def test_exact_sinks_stay_full_precision_at_their_positions(reindex):
     """The first tokens ever seen are kept apart, unquantized, never evicted, and counted."""

@@ -22,8 +22,9 @@ from collections.abc import Callable
 
 import torch
 
+from kvlab.device import HostCopy
 from kvlab.errors import KvlabError
-from kvlab.quant import BITS, pack, quantize, unpack
+from kvlab.quant import BITS, finite, overflow, pack, quantize, unpack
 from kvlab.storage.base import gather_tokens
 
 PER_TOKEN = ("kcodes", "vcodes", "vscale", "vzero", "kblock", "kpos")  # tensors with one entry per token (axis 2)
@@ -46,6 +47,10 @@ class QuantBody:
         # token i uses key-scale row (i + lead) // G for every head (blocks added whole, only the oldest tokens
         # dropped: a positional window); None once tokens were chosen one by one (kblock says)
         self.lead: int | None = 0
+        # values sent to the host for later, so a decode step never waits on the device: (rows then, a bound on
+        # the live rows among them) for the next lazy compaction; whether the last unchecked block's scales are finite
+        self._live: tuple[int, HostCopy] | None = None
+        self._finite: HostCopy | None = None
 
     def start(self, b: int, h: int, d: int, device: torch.device) -> None:
         """Empty tensors for ``b`` rows of ``h`` heads of ``d`` channels."""
@@ -86,16 +91,22 @@ class QuantBody:
             if t is not None:
                 setattr(self, name, fn(t))
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+    def add(self, keys: torch.Tensor, values: torch.Tensor, first: int, check: bool = True) -> None:
         """Quantize ``keys`` and ``values`` ``(B, h, m, D)``, m a multiple of G, at true positions
-        ``first..first+m-1``, as the newest tokens."""
+        ``first..first+m-1``, as the newest tokens. ``check``: raise now if a scale overflows float16 (a read
+        from the device); else (a decode step) that is checked by the next :meth:`add` or :meth:`check`."""
         b, h, m, d = keys.shape
         bits, width = self.bits, d * self.bits // 8
         if self.lead is not None and self.lead + self.length != self.group_size * self.kscale.shape[2]:
             self.lead = None
-        qk = quantize(keys, bits, axis=2, group_size=self.group_size)  # codes in (B, h, D, m) order
+        qk = quantize(keys, bits, axis=2, group_size=self.group_size, check=False)  # codes in (B, h, D, m) order
+        qv = quantize(values, bits, axis=3, group_size=self.vgroup, check=False)  # codes in (B, h, m, D) order
+        ok = finite(qk) & finite(qv)
+        self.check()  # the previous unchecked block (its flag is on the host by now)
+        if check and not bool(ok):
+            raise KvlabError(overflow())
+        self._finite = None if check else HostCopy(ok)
         kc = unpack(qk.data, bits, keys.numel()).view(b, h, d, m).transpose(2, 3)  # (B, h, m, D), once per block
-        qv = quantize(values, bits, axis=3, group_size=self.vgroup)  # codes already in (B, h, m, D) order
         self.kcodes = torch.cat((self.kcodes, pack(kc.contiguous(), bits).view(b, h, m, width)), dim=2)
         self.vcodes = torch.cat((self.vcodes, qv.data.view(b, h, m, width)), dim=2)
         rows = self.kscale.shape[2] + torch.arange(m, device=keys.device) // self.group_size
@@ -107,6 +118,13 @@ class QuantBody:
         if self.kpos is not None:
             pos = torch.arange(first, first + m, dtype=torch.int32, device=keys.device).expand(b, h, m)
             self.kpos = torch.cat((self.kpos, pos), dim=2)
+
+    def check(self) -> None:
+        """Raise if the last block quantized without a check overflowed float16 (a value sent to the host then,
+        so this does not wait for the device)."""
+        finite, self._finite = self._finite, None
+        if finite is not None and not all(finite.ints()):
+            raise KvlabError(overflow())
 
     def dequantize(self, keys: torch.Tensor | None = None,
                    values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +179,13 @@ class QuantBody:
             if t is not None:
                 setattr(self, name, t[:, :, drop:].clone())  # a copy, so the dropped tokens' memory is freed
 
-    def compact(self) -> None:
+    def compact(self, wait: bool = True) -> None:
         """Drop the key-scale rows no kept token uses; renumber ``kblock``. Heads keep their live rows in
-        time order, padded to the largest count over heads. Reads a count back from the device, unless only
-        the oldest rows are dead (``lead``)."""
+        time order, padded to the largest count over heads. Where only the oldest rows die (``lead``) that
+        is a slice. Else the count comes from the device: read now (``wait``), or, in a decode step, the one
+        the previous compaction sent to the host. A row dead then is dead now (tokens only leave; new blocks
+        add rows behind), so that count bounds the live rows among the rows there were: those are compacted,
+        newer rows wait for the next compaction."""
         if self.lead is not None:
             dead = self.lead // self.group_size
             if dead:
@@ -172,13 +193,23 @@ class QuantBody:
                 self.kblock = self.kblock - dead
                 self.lead -= dead * self.group_size
             return
-        rows = self.kscale.shape[2]
-        idx = self.kblock.long()  # (B, h, T)
+        rows, idx = self.kscale.shape[2], self.kblock.long()  # idx: (B, h, T)
         live = torch.zeros(*idx.shape[:2], rows, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
-        count = int(live.sum(-1).max()) if idx.numel() else 0
-        if count == rows:
-            return
-        order = torch.argsort((~live).to(torch.uint8), dim=-1, stable=True)[..., :count]  # live rows first
-        self.kblock = (live.cumsum(-1) - 1).gather(2, idx).to(torch.int16)
-        take = order[..., None].expand(-1, -1, -1, self.kscale.shape[-1])
-        self.kscale, self.kzero = self.kscale.gather(2, take), self.kzero.gather(2, take)
+        if wait:
+            old, count = rows, int(live.sum(-1).max()) if live.numel() else 0
+        else:
+            old, count = (self._live[0], max(self._live[1].ints())) if self._live is not None else (0, 0)
+        if count < old:
+            # the first `old` rows, live ones first in time order (per head), cut to `count`; then the newer rows
+            order = torch.argsort((~live[..., :old]).to(torch.uint8), dim=-1, stable=True)[..., :count]
+            newer = torch.arange(old, rows, device=idx.device).expand(*idx.shape[:2], -1)
+            renumber = torch.cat((live[..., :old].cumsum(-1) - 1, newer - old + count), dim=-1)
+            self.kblock = renumber.gather(2, idx).to(torch.int16)
+            take = torch.cat((order, newer), dim=-1)
+            live = live.gather(2, take)
+            take = take[..., None].expand(-1, -1, -1, self.kscale.shape[-1])
+            self.kscale, self.kzero = self.kscale.gather(2, take), self.kzero.gather(2, take)
+        if not wait and live.numel():
+            self._live = live.shape[-1], HostCopy(live.sum(-1).amax())
+        else:
+            self._live = None

@@ -241,7 +241,7 @@ class QuantSegment:
             rest = torch.arange(s + body, n, device=keep.device).expand(*keep.shape[:2], -1)
             self.scores = self.scores.gather(2, torch.cat((head, keep + s, rest), dim=-1))
         if not lazy or self.seen % self.group_size == 0:
-            self.body.compact()
+            self.body.compact(wait=not lazy)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Add ``(B, h, q, D)`` new keys (rotated at their true positions) and values: the first ``sinks``
@@ -264,8 +264,8 @@ class QuantSegment:
             new = torch.zeros(*key_states.shape[:2], q, dtype=torch.float32, device=key_states.device)
             self.scores = torch.cat((self.scores, new), dim=-1)
         blocks = (self.residual_length - self.residual) // self.group_size
-        if blocks > 0:
-            self._quantize_oldest(blocks * self.group_size)
+        if blocks > 0:  # a decode step's block is checked for float16 overflow later, without waiting
+            self._quantize_oldest(blocks * self.group_size, check=q > 1)
 
     def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
                prefix: Storage | None = None) -> torch.Tensor:
@@ -297,12 +297,12 @@ class QuantSegment:
         if self.needs_scores:
             self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=key_states.device)
 
-    def _quantize_oldest(self, m: int) -> None:
+    def _quantize_oldest(self, m: int, check: bool) -> None:
         """Move the residual's oldest ``m`` tokens (a multiple of G) into the body, un-rotated from their true
         positions ``seen - r ..`` unless ``rope`` is post."""
         first = self.seen - self.residual_length
         k = self.rkeys[:, :, :m]
         if self.rotary is not None and not self.post:
             k = self.rotary.shift_range(k, first, -1, torch.float32)
-        self.body.add(k, self.rvalues[:, :, :m], first)
+        self.body.add(k, self.rvalues[:, :, :m], first, check)
         self.rkeys, self.rvalues = self.rkeys[:, :, m:].clone(), self.rvalues[:, :, m:].clone()
