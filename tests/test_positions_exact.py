@@ -78,3 +78,16 @@ def test_shift_by_one_delta_is_bit_for_bit_shift(dtype, delta):
     out = torch.zeros_like(keys)
     rotary.shift_by(rotary.prepare(keys), delta, rotary.rotated(out))
     assert torch.equal(out, rotary.shift(keys, torch.full((2, 3, 4), delta), bound=delta + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("start", [0, 5, 65_533, 70_000])
+def test_shift_range_by_is_bit_for_bit_shift_range(dtype, start):
+    """The quantized segment's sinks (key i to position start + i, from float32 originals prepared once) get the
+    very bits of :meth:`Rotary.shift_range`, written into a slice of a larger buffer, inside and beyond the table."""
+    rotary = Rotary(INV_FREQ)
+    keys = torch.randn(2, 3, 4, HEAD_DIM, generator=torch.Generator().manual_seed(2))
+    buf = torch.zeros(2, 3, 7, HEAD_DIM, dtype=dtype)
+    rotary.shift_range_by(rotary.prepare(keys), start, rotary.rotated(buf[:, :, :4]))
+    assert torch.equal(buf[:, :, :4], rotary.shift_range(keys, start, dtype=dtype))
+    assert not buf[:, :, 4:].any()

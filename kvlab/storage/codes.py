@@ -170,14 +170,20 @@ class QuantBody:
                 setattr(self, name, gather_tokens(t, idx))
 
     def keep_last(self, k: int) -> None:
-        """Keep the newest ``k`` tokens (a positional scorer's window): slices, no index tensor."""
+        """Keep the newest ``k`` tokens (a positional scorer's window): views, no copy. The dropped tokens'
+        memory is freed by the next :meth:`add` (a concatenation: in a window, within ``group_size`` steps);
+        :meth:`reserved_nbytes` counts it until then."""
         drop = self.length - k
         if self.lead is not None:
             self.lead += drop
         for name in PER_TOKEN:
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t[:, :, drop:].clone())  # a copy, so the dropped tokens' memory is freed
+                setattr(self, name, t[:, :, drop:])
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated beside those held: dropped tokens whose memory a view still holds (:meth:`keep_last`)."""
+        return sum(t.untyped_storage().nbytes() - t.nbytes for t in map(self.__getattribute__, ALL) if t is not None)
 
     def compact(self, wait: bool = True) -> None:
         """Drop the key-scale rows no kept token uses; renumber ``kblock``. Heads keep their live rows in

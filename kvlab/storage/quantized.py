@@ -96,6 +96,7 @@ class QuantSegment:
         self.skeys: torch.Tensor | None = None  # (B, h, s, D) float32 before RoPE, the first `sinks` tokens
         self.svalues: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
+        self._prepared: torch.Tensor | None = None  # the sinks made ready for Rotary.shift_by (rope=post)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -134,8 +135,9 @@ class QuantSegment:
         return 0
 
     def reserved_nbytes(self) -> int:
-        """Nothing beside :meth:`nbytes`: every tensor is exactly as large as what it holds."""
-        return 0
+        """The body's dropped tokens still allocated (a window drops them by views until its next block), and the
+        sinks prepared for rotation (``rope=post``)."""
+        return self.body.reserved_nbytes() + (self._prepared.nbytes if self._prepared is not None else 0)
 
     def nbytes(self) -> int:
         """Bytes held: packed codes + scales + zero points + block rows + residual and sink keys/values (not the
@@ -165,6 +167,7 @@ class QuantSegment:
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a batch-axis reorder / repeat / select) to every stored tensor."""
         self.body.map_batch(fn)
+        self._prepared = None
         for name in ("rkeys", "rvalues", "skeys", "svalues", "scores"):
             t = getattr(self, name)
             if t is not None:
@@ -187,7 +190,7 @@ class QuantSegment:
             if t:
                 self.body.dequantize(keys=keys[:, :, s:s + t], values=values[:, :, s:s + t])
             if s:
-                self.rotary.shift_range(self.skeys, self.seen - n if self.reindex else 0, out=keys[:, :, :s])
+                self._rotate_sinks(keys[:, :, :s], self.seen - n if self.reindex else 0)
             return keys, values, None
         pre = torch.empty(b, h, s + t, d, device=self.device)  # the sinks' and the body's keys before RoPE, float32
         if s:
@@ -297,6 +300,17 @@ class QuantSegment:
         self.svalues = key_states.new_empty(b, h, 0, d)
         if self.needs_scores:
             self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=key_states.device)
+
+    def _rotate_sinks(self, out: torch.Tensor, start: int) -> None:
+        """Write the sinks, sink ``i`` rotated to position ``start + i``, into ``out (B, h, s, D)``: two kernels
+        from their exact keys made ready once (:meth:`Rotary.shift_range_by`, bit for bit
+        :meth:`Rotary.shift_range`)."""
+        if self._prepared is None or self._prepared.shape[-3] != self.sink_length:
+            self._prepared = self.rotary.prepare(self.skeys)
+        self.rotary.shift_range_by(self._prepared, start, self.rotary.rotated(out))
+        rot = 2 * self.rotary.inv_freq.shape[0]
+        if rot < out.shape[-1]:  # partial rotary: the other channels pass through
+            out[..., rot:] = self.skeys[..., rot:]
 
     def _quantize_oldest(self, m: int, check: bool) -> None:
         """Move the residual's oldest ``m`` tokens (a multiple of G) into the body, un-rotated from their true

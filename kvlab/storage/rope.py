@@ -95,6 +95,23 @@ class Rotary:
         else:  # a reduction into a low-precision out would round the terms first
             out.copy_(prod.sum(0))
 
+    def shift_range_by(self, prepared: torch.Tensor, start: int, out: torch.Tensor) -> None:
+        """Write the keys of ``prepared`` (:meth:`prepare` of ``(B, h, m, D)`` keys), key ``i`` rotated by
+        ``start + i`` positions, into ``out`` (:meth:`rotated` of the destination): :meth:`shift_range` in two
+        kernels, bit for bit (the same table rows, products and sums)."""
+        m, half = prepared.shape[-3], self.inv_freq.shape[0]
+        if 0 <= start and start + m <= TABLE_POSITIONS:
+            pairs = self._pairs(start + m, prepared.device)[start:start + m].view(m, 2, half)
+        else:
+            ang = torch.outer(torch.arange(start, start + m, dtype=torch.float32, device=prepared.device),
+                              self._inv(prepared.device))  # (m, rot/2), exact below 2**24
+            pairs = torch.stack((ang.cos(), ang.sin()), 1)
+        prod = prepared * pairs.transpose(0, 1)[:, None, None, :, None, :]  # (2, 1, 1, m, 1, rot/2)
+        if out.dtype == torch.float32:
+            torch.sum(prod, 0, out=out)
+        else:  # a reduction into a low-precision out would round the terms first
+            out.copy_(prod.sum(0))
+
     def shift_each(self, prepared: torch.Tensor, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The keys of ``prepared`` (:meth:`prepare`, ``(2, B, h, m, 2, rot/2)``), head ``j`` rotated by ``delta[j]``
         positions (``delta (h,)`` long on the keys' device, every value in ``[0, top]``, ``top`` a host int): the
