@@ -12,7 +12,7 @@ from kvlab.cache import make_cache
 from kvlab.errors import KvlabError
 from kvlab.storage import QuantGroup, Rotary, RowSplit
 from kvlab.storage.dense import Segment
-from kvlab.storage.codes import QuantBody
+from kvlab.storage.codes import PER_TOKEN, QuantBody
 from kvlab.storage.quantized import QuantSegment
 from kvlab.methods import LayerInfo, build
 from kvlab.methods.h2o import H2O
@@ -146,9 +146,13 @@ def test_window_bodies_read_their_scale_rows_by_views_bit_for_bit():
     body.start(1, 2, D, torch.device("cpu"))
     body.add(torch.randn(1, 2, 12, D, generator=g), torch.randn(1, 2, 12, D, generator=g), 0)
     for drop, new in [(1, 0), (2, 4), (3, 0), (4, 8), (6, 0)]:
-        body.keep_last(body.length - drop)
-        if new:
+        before = body.reserved_nbytes()
+        per_token = sum(getattr(body, n).nbytes for n in PER_TOKEN if getattr(body, n) is not None) // body.length
+        body.keep_last(body.length - drop)  # views: the dropped tokens stay allocated, and counted, until...
+        assert body.reserved_nbytes() - before == drop * per_token
+        if new:  # ... the next block's concatenation frees them
             body.add(torch.randn(1, 2, new, D, generator=g), torch.randn(1, 2, new, D, generator=g), 0)
+            assert body.reserved_nbytes() == 0
         for _ in range(2):  # then again once the dead rows are compacted
             general = copy.copy(body)
             general.lead = None
