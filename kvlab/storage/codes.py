@@ -135,7 +135,7 @@ class QuantBody:
         d, g, gv = self.kscale.shape[-1], self.group_size, self.vgroup
         keys = torch.empty(b, h, t, d, device=self.kcodes.device) if keys is None else keys
         values = torch.empty(b, h, t, d, device=self.kcodes.device) if values is None else values
-        kc = self._unpack(self.kcodes).float()
+        kc = self._unpack(self.kcodes)  # uint8: addcmul reads it as float32 (the scales' dtype), no copy first
         if self.lead is not None:  # a partial oldest block (row r0), then whole blocks: views, no index
             r0, head = self.lead // g, min(t, -self.lead % g)
             if head:
@@ -149,7 +149,7 @@ class QuantBody:
             rows = (self.kblock.long() + torch.arange(0, b * h * nb, nb, device=kc.device).view(b, h, 1)).flatten()
             scale = self.kscale.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d)
             torch.addcmul(self.kzero.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d), kc, scale, out=keys)
-        vc = self._unpack(self.vcodes).view(b, h, t, d // gv, gv).float()
+        vc = self._unpack(self.vcodes).view(b, h, t, d // gv, gv)
         torch.addcmul(self.vzero.float()[..., None], vc, self.vscale.float()[..., None],
                       out=values.view(b, h, t, d // gv, gv))
         return keys, values
