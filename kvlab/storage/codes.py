@@ -135,22 +135,24 @@ class QuantBody:
         d, g, gv = self.kscale.shape[-1], self.group_size, self.vgroup
         keys = torch.empty(b, h, t, d, device=self.kcodes.device) if keys is None else keys
         values = torch.empty(b, h, t, d, device=self.kcodes.device) if values is None else values
-        kc = self._unpack(self.kcodes)  # uint8: addcmul reads it as float32 (the scales' dtype), no copy first
+        # addcmul computes in float32, the zero points' dtype: it reads the uint8 codes and float16 scales as float32
+        # (exactly) as it goes, with no converted copy of them first
+        kc = self._unpack(self.kcodes)
         if self.lead is not None:  # a partial oldest block (row r0), then whole blocks: views, no index
             r0, head = self.lead // g, min(t, -self.lead % g)
             if head:
-                torch.addcmul(self.kzero[:, :, r0, None].float(), kc[:, :, :head], self.kscale[:, :, r0, None].float(),
+                torch.addcmul(self.kzero[:, :, r0, None].float(), kc[:, :, :head], self.kscale[:, :, r0, None],
                               out=keys[:, :, :head])
             r1, whole = r0 + (head > 0), (t - head) // g
             torch.addcmul(self.kzero[:, :, r1:r1 + whole, None].float(), kc[:, :, head:].view(b, h, whole, g, d),
-                          self.kscale[:, :, r1:r1 + whole, None].float(), out=keys[:, :, head:].view(b, h, whole, g, d))
+                          self.kscale[:, :, r1:r1 + whole, None], out=keys[:, :, head:].view(b, h, whole, g, d))
         else:  # each token's row, as one index into the (B * h * NB) rows: a row copy, not a per-element gather
             nb = self.kscale.shape[2]
             rows = (self.kblock.long() + torch.arange(0, b * h * nb, nb, device=kc.device).view(b, h, 1)).flatten()
-            scale = self.kscale.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d)
+            scale = self.kscale.flatten(0, 2).index_select(0, rows).view(b, h, t, d)
             torch.addcmul(self.kzero.float().flatten(0, 2).index_select(0, rows).view(b, h, t, d), kc, scale, out=keys)
         vc = self._unpack(self.vcodes).view(b, h, t, d // gv, gv)
-        torch.addcmul(self.vzero.float()[..., None], vc, self.vscale.float()[..., None],
+        torch.addcmul(self.vzero.float()[..., None], vc, self.vscale[..., None],
                       out=values.view(b, h, t, d // gv, gv))
         return keys, values
 
