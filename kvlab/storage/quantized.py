@@ -96,7 +96,7 @@ class QuantSegment:
         self.skeys: torch.Tensor | None = None  # (B, h, s, D) float32 before RoPE, the first `sinks` tokens
         self.svalues: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
-        self._prepared: torch.Tensor | None = None  # the sinks made ready for Rotary.shift_by (rope=post)
+        self._prepared: torch.Tensor | None = None  # the sinks made ready for Rotary.shift_range_by (rope=post)
 
     # -- state ---------------------------------------------------------------------------
     @property

@@ -89,11 +89,7 @@ class Rotary:
         else:
             ang = self._inv(prepared.device) * float(delta)
             pair = torch.stack((ang.cos(), ang.sin())).view(2, 1, 1, 1, 1, -1)
-        prod = prepared * pair
-        if out.dtype == torch.float32:
-            torch.sum(prod, 0, out=out)
-        else:  # a reduction into a low-precision out would round the terms first
-            out.copy_(prod.sum(0))
+        _sum_into(prepared * pair, out)
 
     def shift_range_by(self, prepared: torch.Tensor, start: int, out: torch.Tensor) -> None:
         """Write the keys of ``prepared`` (:meth:`prepare` of ``(B, h, m, D)`` keys), key ``i`` rotated by
@@ -106,11 +102,7 @@ class Rotary:
             ang = torch.outer(torch.arange(start, start + m, dtype=torch.float32, device=prepared.device),
                               self._inv(prepared.device))  # (m, rot/2), exact below 2**24
             pairs = torch.stack((ang.cos(), ang.sin()), 1)
-        prod = prepared * pairs.transpose(0, 1)[:, None, None, :, None, :]  # (2, 1, 1, m, 1, rot/2)
-        if out.dtype == torch.float32:
-            torch.sum(prod, 0, out=out)
-        else:  # a reduction into a low-precision out would round the terms first
-            out.copy_(prod.sum(0))
+        _sum_into(prepared * pairs.transpose(0, 1)[:, None, None, :, None, :], out)  # pairs: (2, 1, 1, m, 1, rot/2)
 
     def shift_each(self, prepared: torch.Tensor, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The keys of ``prepared`` (:meth:`prepare`, ``(2, B, h, m, 2, rot/2)``), head ``j`` rotated by ``delta[j]``
@@ -165,3 +157,11 @@ class Rotary:
         if 2 * half < k.shape[-1]:  # partial rotary: the other channels pass through
             out[..., 2 * half:] = keys[..., 2 * half:]
         return out
+
+
+def _sum_into(prod: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = prod[0] + prod[1]``, summed in float32 and rounded once to ``out``'s dtype."""
+    if out.dtype == torch.float32:
+        torch.sum(prod, 0, out=out)
+    else:  # a reduction into a low-precision out would round the terms first
+        out.copy_(prod.sum(0))
