@@ -8,21 +8,15 @@ recent tokens stay in full precision; when the residual holds ``residual + group
 oldest ``group_size`` are quantized into the body as one block, as soon as they arrive (so a chunk's
 queries attend to the stored, quantized version of its older tokens, and memory is measured honestly).
 
-Layout: the quantized tokens (the *body*) are a :class:`~kvlab.storage.codes.QuantBody`; besides it::
+Layout: the quantized tokens (the *body*) are a :class:`~kvlab.storage.codes.QuantBody`; the first tokens, where
+the scorer keeps them (``QuantGroup.exact_sinks``), are :class:`~kvlab.storage.sinks.ExactSinks` (``s`` tokens in
+full precision, never evicted); besides them::
 
     rkeys, rvalues   (B, h, r, D)  the model's dtype, the newest tokens as the model handed them over (keys rotated
                                    at their true positions), r in [residual, residual + G)
-    skeys            (B, h, s, D)  float32, the first ``sinks`` tokens' keys before RoPE (exact), never evicted
-    svalues          (B, h, s, D)  the model's dtype
     scores           (B, h, s + T + r)  float32 accumulated attention, only for H2O-like scorers
 
-Sinks. A group whose scorer always keeps the first tokens (StreamingLLM's attention sinks, its
-``sinks``) can keep them in full precision (``QuantGroup.exact_sinks``): they take a large share of
-every query's attention, so their quantization error reaches every output. On SmolLM2 (pydoc, 2048
-tokens, budget 512, ``haq`` bits 8/4/2) exact sinks on the 2-bit local heads bring perplexity from
-+11.9% to +6.4% of the full cache's, for 2 KiB per head. KVQuant (below) and IntactKV (Liu et al.
-2024) keep the first token's KV in full precision for the same reason. Kept tokens read in the
-order sinks, body, residual.
+Kept tokens read in the order sinks, body, residual.
 
 Positions. With ``rope="pre"`` (the default) quantized keys and sinks are stored **before RoPE**: a key is
 un-rotated from its true position (in float32) when it becomes a sink or leaves the residual for the body. At
@@ -59,6 +53,7 @@ from kvlab.storage.base import Storage, keep_indices, order
 from kvlab.storage.codes import QuantBody
 from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group, by_slice
 from kvlab.storage.rope import Rotary
+from kvlab.storage.sinks import ExactSinks
 
 
 class QuantSegment:
@@ -79,7 +74,8 @@ class QuantSegment:
         self.group_size = getattr(group, "group_size", GROUP_SIZE)
         self.residual = getattr(group, "residual", RESIDUAL)
         # the scorer's sinks (always kept), in full precision; none once a sliding layer's cap replaced the scorer
-        self.sinks = getattr(group.scorer, "sinks", 0) if getattr(group, "exact_sinks", False) else 0
+        self.sinks = ExactSinks(getattr(group.scorer, "sinks", 0) if getattr(group, "exact_sinks", False) else 0,
+                                rotary)
         self.needs_scores = group.scorer.needs_scores
         self.observed = group.scorer.observed() if self.needs_scores else None
         # body keys kept as rotated; QuantGroup checked that their true positions are their frame positions
@@ -91,12 +87,10 @@ class QuantSegment:
         """Forget every token (the state of a fresh segment)."""
         self.seen = 0  # tokens fed so far: the next key is at true position `seen`
         self.body.clear()
+        self.sinks.clear()
         self.rkeys: torch.Tensor | None = None  # (B, h, r, D) as handed over (rotated at their true positions)
         self.rvalues: torch.Tensor | None = None
-        self.skeys: torch.Tensor | None = None  # (B, h, s, D) float32 before RoPE, the first `sinks` tokens
-        self.svalues: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
-        self._prepared: torch.Tensor | None = None  # the sinks made ready for Rotary.shift_range_by (rope=post)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -109,7 +103,7 @@ class QuantSegment:
 
     @property
     def sink_length(self) -> int:
-        return 0 if self.skeys is None else self.skeys.shape[2]
+        return self.sinks.length
 
     @property
     def length(self) -> int:
@@ -127,7 +121,7 @@ class QuantSegment:
         """Bytes of the packed codes; of the scales, zero points and per-token block rows (and positions);
         of the full-precision residual and sinks."""
         codes, scales = self.body.nbytes()
-        exact = sum(t.nbytes for t in (self.rkeys, self.rvalues, self.skeys, self.svalues) if t is not None)
+        exact = sum(t.nbytes for t in (self.rkeys, self.rvalues) if t is not None) + self.sinks.nbytes()
         return {"codes": codes, "scales": scales, "residual": exact}
 
     def source_nbytes(self) -> int:
@@ -137,7 +131,7 @@ class QuantSegment:
     def reserved_nbytes(self) -> int:
         """The body's dropped tokens still allocated (a window drops them by views until its next block), and the
         sinks prepared for rotation (``rope=post``)."""
-        return self.body.reserved_nbytes() + (self._prepared.nbytes if self._prepared is not None else 0)
+        return self.body.reserved_nbytes() + self.sinks.reserved_nbytes()
 
     def nbytes(self) -> int:
         """Bytes held: packed codes + scales + zero points + block rows + residual and sink keys/values (not the
@@ -167,8 +161,8 @@ class QuantSegment:
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a batch-axis reorder / repeat / select) to every stored tensor."""
         self.body.map_batch(fn)
-        self._prepared = None
-        for name in ("rkeys", "rvalues", "skeys", "svalues", "scores"):
+        self.sinks.map_batch(fn)
+        for name in ("rkeys", "rvalues", "scores"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -185,16 +179,16 @@ class QuantSegment:
         values[:, :, s + t:] = self.rvalues
         keys[:, :, s + t:] = self.rkeys
         if s:
-            values[:, :, :s] = self.svalues
+            values[:, :, :s] = self.sinks.values
         if self.post:  # the body's keys are rotated at their true positions, which are their frame positions
             if t:
                 self.body.dequantize(keys=keys[:, :, s:s + t], values=values[:, :, s:s + t])
             if s:
-                self._rotate_sinks(keys[:, :, :s], self.seen - n if self.reindex else 0)
+                self.sinks.rotate_into(keys[:, :, :s], self.seen - n if self.reindex else 0)
             return keys, values, None
         pre = torch.empty(b, h, s + t, d, device=self.device)  # the sinks' and the body's keys before RoPE, float32
         if s:
-            pre[:, :, :s] = self.skeys
+            pre[:, :, :s] = self.sinks.keys
         if t:
             self.body.dequantize(keys=pre[:, :, s:], values=values[:, :, s:s + t])
         if self.rotary is None:
@@ -254,13 +248,7 @@ class QuantSegment:
         q = key_states.shape[-2]
         if self.rkeys is None:
             self._start(key_states)
-        s = max(0, min(self.sinks - self.seen, q))  # the first tokens ever seen
-        if s:
-            sink = key_states[:, :, :s]
-            sink = sink.float() if self.rotary is None else self.rotary.shift_range(sink, self.seen, -1, torch.float32)
-            self.skeys = torch.cat((self.skeys, sink), dim=2)
-            self.svalues = torch.cat((self.svalues, value_states[:, :, :s]), dim=2)
-            key_states, value_states = key_states[:, :, s:], value_states[:, :, s:]
+        key_states, value_states = self.sinks.take(key_states, value_states, self.seen)  # the first tokens ever seen
         self.rkeys = torch.cat((self.rkeys, key_states), dim=2)
         self.rvalues = torch.cat((self.rvalues, value_states), dim=2)
         self.seen += q
@@ -296,21 +284,9 @@ class QuantSegment:
         self.body.start(b, h, d, key_states.device)
         self.rkeys = key_states.new_empty(b, h, 0, d)
         self.rvalues = key_states.new_empty(b, h, 0, d)
-        self.skeys = key_states.new_empty(b, h, 0, d, dtype=torch.float32)
-        self.svalues = key_states.new_empty(b, h, 0, d)
+        self.sinks.start(key_states)
         if self.needs_scores:
             self.scores = torch.zeros(b, h, 0, dtype=torch.float32, device=key_states.device)
-
-    def _rotate_sinks(self, out: torch.Tensor, start: int) -> None:
-        """Write the sinks, sink ``i`` rotated to position ``start + i``, into ``out (B, h, s, D)``: two kernels
-        from their exact keys made ready once (:meth:`Rotary.shift_range_by`, bit for bit
-        :meth:`Rotary.shift_range`)."""
-        if self._prepared is None or self._prepared.shape[-3] != self.sink_length:
-            self._prepared = self.rotary.prepare(self.skeys)
-        self.rotary.shift_range_by(self._prepared, start, self.rotary.rotated(out))
-        rot = 2 * self.rotary.inv_freq.shape[0]
-        if rot < out.shape[-1]:  # partial rotary: the other channels pass through
-            out[..., rot:] = self.skeys[..., rot:]
 
     def _quantize_oldest(self, m: int, check: bool) -> None:
         """Move the residual's oldest ``m`` tokens (a multiple of G) into the body, un-rotated from their true
