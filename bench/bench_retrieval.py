@@ -18,6 +18,7 @@ runs at that budget:
     head-aware shuffled  head-aware:...,assign=shuffled,seed=0               (ablation: labels permuted)
     head-aware even      head-aware:...,spread=even                          (ablation: one window for local heads)
     head-aware per-layer head-aware:...,scope=layer                          (ablation: a pool per layer)
+    head-aware keydiff   head-aware:...,retrieve=keydiff                     (variant, only when named: retrieval heads by KeyDiff)
 
 and the full cache once. "KV kept" is what the cache holds between forward passes (the budget: ``f`` of the
 context); "KV peak" is its measured peak over the full cache's bytes, which adds the chunk being fed on top
@@ -49,8 +50,10 @@ METHODS = {
     "head-aware shuffled": "head-aware:budget={b},profile={p},assign=shuffled,seed=0",
     "head-aware even": "head-aware:budget={b},profile={p},spread=even",
     "head-aware per-layer": "head-aware:budget={b},profile={p},scope=layer",
+    "head-aware keydiff": "head-aware:budget={b},profile={p},retrieve=keydiff",
 }
 ABLATIONS = ("head-aware shuffled", "head-aware even", "head-aware per-layer")
+VARIANTS = ("head-aware keydiff",)  # run only when named in --methods
 ABLATION_STYLE = (("s--", "#CC79A7"), ("^:", "#999999"), ("v-.", "#56B4E9"))
 
 
@@ -141,7 +144,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="JSONL of per-sample results (appended; resumes)")
     args = p.parse_args()
-    default = METHODS if args.profile else ("streaming", "h2o")
+    default = [n for n in METHODS if n not in VARIANTS] if args.profile else ("streaming", "h2o")
     names = [n.strip() for n in (args.methods or ",".join(default)).split(",")]
     bad = [n for n in names if n not in METHODS]
     error = f"unknown method {bad}" if bad else None
