@@ -9,10 +9,10 @@ On this CPU those are cheap; the test proves the step would not wait on a GPU ei
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
+from decode_probe import decode_under, kvlab_frame
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvlab.cache import make_cache
@@ -33,8 +33,8 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in HOST_READS:
-            frames = [f for f in traceback.extract_stack() if "/kvlab/" in f.filename and "/tests/" not in f.filename]
-            self.found.append(f"{func} at {frames[-1].filename}:{frames[-1].lineno}" if frames else str(func))
+            frame = kvlab_frame()
+            self.found.append(f"{func} at {frame.f_code.co_filename}:{frame.f_lineno}" if frame else str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -53,10 +53,6 @@ def test_a_decode_step_reads_nothing_back_from_the_device(tiny_llama, tmp_path, 
     mask = torch.ones_like(ids)
     if padded:
         mask[1, :5] = 0
-    with torch.no_grad():
-        token = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
-        reads = HostReads()
-        with reads:
-            for _ in range(STEPS):
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    reads = HostReads()
+    decode_under(reads, model, cache, ids, mask, STEPS)
     assert not reads.found, f"{len(reads.found)} reads, first: {reads.found[0]}"

@@ -13,20 +13,17 @@ real model's whole step.
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from decode_probe import decode_under, kvlab_frame
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kvlab
 from kvlab.cache import make_cache
 from method_table import LOSSLESS, TIGHT
 
 PREFILL, STEPS = 20, 32
 NOT_KERNELS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
-KVLAB = str(Path(kvlab.__file__).parent)
 # operations kvlab issues per layer per decode step, at the TIGHT specs (full, quant: lossless)
 CEILING = {"full": 4.4, "quant": 51.5, "streaming": 7.7, "h2o": 19.3, "head-aware": 35.1, "haq": 250.3,
            "snapkv": 34.6, "pyramidkv": 34.6, "tova": 31.4, "adakv": 71.9, "knorm": 17.8, "keydiff": 39.8,
@@ -41,29 +38,15 @@ class Ops(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func not in NOT_KERNELS and _from_kvlab():
+        if not func.is_view and func not in NOT_KERNELS and kvlab_frame() is not None:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
 
-def _from_kvlab() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.startswith(KVLAB):
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _per_layer_step(model: torch.nn.Module, spec: str) -> float:
-    cache = make_cache(model, spec)
     ids = torch.randint(0, 256, (1, PREFILL), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        token = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-        ops = Ops()
-        with ops:
-            for _ in range(STEPS):
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    ops = Ops()
+    decode_under(ops, model, make_cache(model, spec), ids, None, STEPS)
     return ops.count / STEPS / model.config.num_hidden_layers
 
 
