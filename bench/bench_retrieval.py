@@ -19,6 +19,8 @@ runs at that budget:
     head-aware even      head-aware:...,spread=even                          (ablation: one window for local heads)
     head-aware per-layer head-aware:...,scope=layer                          (ablation: a pool per layer)
     head-aware keydiff   head-aware:...,retrieve=keydiff                     (variant, only when named: retrieval heads by KeyDiff)
+    head-aware pooled    head-aware:...,pool=5                               (variant, only when named: scored heads rank
+                                                                              each token by its 5 neighbours' best, SnapKV)
 
 and the full cache once. "KV kept" is what the cache holds between forward passes (the budget: ``f`` of the
 context); "KV peak" is its measured peak over the full cache's bytes, which adds the chunk being fed on top
@@ -51,9 +53,10 @@ METHODS = {
     "head-aware even": "head-aware:budget={b},profile={p},spread=even",
     "head-aware per-layer": "head-aware:budget={b},profile={p},scope=layer",
     "head-aware keydiff": "head-aware:budget={b},profile={p},retrieve=keydiff",
+    "head-aware pooled": "head-aware:budget={b},profile={p},pool=5",
 }
 ABLATIONS = ("head-aware shuffled", "head-aware even", "head-aware per-layer")
-VARIANTS = ("head-aware keydiff",)  # run only when named in --methods
+VARIANTS = ("head-aware keydiff", "head-aware pooled")  # run only when named in --methods
 ABLATION_STYLE = (("s--", "#CC79A7"), ("^:", "#999999"), ("v-.", "#56B4E9"))
 
 
