@@ -154,9 +154,15 @@ class Rotary:
         else:  # cos(-a) = cos(a) and sin(-a) = -sin(a), bit for bit
             torch.add(k1 * cos, k2 * sin, out=out[..., :half])
             torch.sub(k2 * cos, k1 * sin, out=out[..., half:2 * half])
-        if 2 * half < k.shape[-1]:  # partial rotary: the other channels pass through
-            out[..., 2 * half:] = keys[..., 2 * half:]
+        pass_through(keys, out, 2 * half)
         return out
+
+
+def pass_through(keys: torch.Tensor, out: torch.Tensor, rot: int) -> None:
+    """Copy the channels of ``keys (..., D)`` past the first ``rot`` (those a partial RoPE leaves alone) into
+    ``out (..., D)``; nothing when every channel is rotated."""
+    if rot < keys.shape[-1]:
+        out[..., rot:] = keys[..., rot:]
 
 
 def _sum_into(prod: torch.Tensor, out: torch.Tensor) -> None:

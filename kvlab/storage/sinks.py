@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvlab.storage.rope import Rotary
+from kvlab.storage.rope import Rotary, pass_through
 
 
 class ExactSinks:
@@ -64,9 +64,7 @@ class ExactSinks:
         if self._prepared is None:
             self._prepared = self.rotary.prepare(self.keys)
         self.rotary.shift_range_by(self._prepared, start, self.rotary.rotated(out))
-        rot = 2 * self.rotary.inv_freq.shape[0]
-        if rot < out.shape[-1]:  # partial rotary: the other channels pass through
-            out[..., rot:] = self.keys[..., rot:]
+        pass_through(self.keys, out, 2 * self.rotary.inv_freq.shape[0])
 
     def nbytes(self) -> int:
         """Bytes of the exact keys and the values."""
