@@ -125,3 +125,15 @@ def test_demo_takes_methods(tiny_cli, tmp_path, capsys):
     assert code == 0, err
     assert len(list((out / "rows").glob("*.json"))) == 2 and (out / "demo.png").is_file()
     assert "streaming:sinks=4,window=28" in stdout and "budget" not in stdout
+
+
+def test_ppl_bars_label_methods_by_name_else_spec_without_the_shared_profile(tmp_path):
+    from kvlab.cli.bars import labels, ppl_bars
+
+    assert labels(["full", "h2o:budget=8", "streaming:window=4"]) == ["full", "h2o", "streaming"]
+    assert labels(["head-aware:budget=8,profile=/x/p.json", "head-aware:profile=p.json,budget=8,spread=even"]) == \
+        ["head-aware:budget=8", "head-aware:budget=8,spread=even"]
+    many = [f"h2o:budget={b}" for b in range(8, 16)]  # more than four: one row per method
+    metrics = [{"ppl": 10.0 + i, "kv_bytes_peak": 2**20 * i, "tokens_per_s": 50.0} for i in range(len(many))]
+    path = ppl_bars(many, metrics, "t", tmp_path / "many.png")
+    assert path.stat().st_size > 10_000
