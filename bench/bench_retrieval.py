@@ -57,7 +57,9 @@ METHODS = {
 }
 ABLATIONS = ("head-aware shuffled", "head-aware even", "head-aware per-layer")
 VARIANTS = ("head-aware keydiff", "head-aware pooled")  # run only when named in --methods
-ABLATION_STYLE = (("s--", "#CC79A7"), ("^:", "#999999"), ("v-.", "#56B4E9"))
+# own markers and colours, drawn on top: these lines can coincide with another, or share a method's colour
+STYLE = dict(zip(ABLATIONS + VARIANTS, (("s--", "#CC79A7"), ("^:", "#999999"), ("v-.", "#56B4E9"),
+                                        ("P--", "#0072B2"), ("D--", "#D55E00"))))
 
 
 def grid(fractions: list[float], length: int, profile: str, names: list[str]) -> list[tuple[str, float, str]]:
@@ -115,10 +117,10 @@ def figure(rows: list[dict], path: Path) -> None:
                 pts.setdefault(r["fraction"], []).append(r)
         xs = sorted(pts)
         acc = [_acc(pts[x]) for x in xs]
-        ablation = name in ABLATIONS  # own colours and dashes, drawn on top: they can coincide with another line
-        style = ABLATION_STYLE[ABLATIONS.index(name)] if ablation else ("o-", color(name))
-        ax.plot([100 * x for x in xs], acc, style[0], color=style[1], label=name, zorder=3 if ablation else 2,
-                markersize=8 if ablation else 6, alpha=0.85)
+        own = name in STYLE
+        style = STYLE[name] if own else ("o-", color(name))
+        ax.plot([100 * x for x in xs], acc, style[0], color=style[1], label=name, zorder=3 if own else 2,
+                markersize=8 if own else 6, alpha=0.85)
     full = [r for r in rows if r["name"] == "full"]
     if full:
         ax.axhline(_acc(full), color=color("full"), linestyle=":", label="full cache")
