@@ -27,7 +27,7 @@ def ppl_bars(specs: list[str], metrics: list[dict[str, Any]], title: str, path: 
         fmt = "%.2f" if max(values) < 100 else "%.0f"
         if wide:
             bars = ax.barh(names, values, color=colors)
-            ax.set_xlim(0, max(values) * 1.18)
+            ax.set_xlim(0, max(values) * 1.18 or 1.0)  # room for the value labels
         else:
             bars = ax.bar(names, values, color=colors)
         ax.bar_label(bars, fmt=fmt, fontsize=8 if wide else 9, padding=2)

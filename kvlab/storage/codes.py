@@ -232,4 +232,3 @@ def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, ze
     acc.add_(zero)
     if acc is not out:
         out.copy_(acc)
-
