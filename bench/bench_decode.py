@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from timing import Inside, run_meta, short_spec, write
+from timing import Inside, run_meta, write
 from torch.overrides import TorchFunctionMode
 
 import kvlab
 from kvlab.data import load_text, tokenize
+from kvlab.spec import without_profile
 from kvlab.storage import RingSet
 from kvlab.storage.dense import Segment
 from kvlab.stream import feed
@@ -113,7 +114,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         full, sdpa = by.get(("full", r["context"])), by.get(("sdpa", r["context"]))
         ratio = lambda ref: f"{ref['step_ms'] / r['step_ms']:.2f}x" if ref else "n/a"  # noqa: E731
-        name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{short_spec(r['impl'])}`"
+        name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{without_profile(r['impl'])}`"
         lines.append(f"| {r['context']} | {name} | {r['step_ms']} | {ratio(full)} | {ratio(sdpa)} | "
                      f"{100 * r['update_share']:.1f}% | {r['torch_calls']} | {r['kv_mib']} |")
     return "\n".join(lines)

@@ -23,10 +23,11 @@ import os
 from pathlib import Path
 
 import torch
-from timing import Inside, decode, run_meta, short_spec, write
+from timing import Inside, decode, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
+from kvlab.spec import without_profile
 from kvlab.storage.quantized import QuantSegment
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -46,7 +47,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| context | method | step ms | tokens/s | vs full | dequant ms | dequant share | KV MiB | % of full KV |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        name = short_spec(r["method"])  # the profile path is in the JSON
+        name = without_profile(r["method"])  # the profile path is in the JSON
         if "skipped" in r:
             lines.append(f"| {r['context']} | `{name}` | skipped: {r['skipped']} | | | | | | |")
             continue

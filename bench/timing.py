@@ -3,7 +3,6 @@ with the seconds spent inside one storage method (cache update, dequantization) 
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from pathlib import Path
@@ -81,8 +80,3 @@ def write(stem: Path, rows: list[dict], table: str, meta: dict[str, Any]) -> Non
     """``stem``.json (rows + :func:`run_meta`) and ``stem``.md (the table)."""
     write_json_atomic(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     write_text_atomic(stem.with_suffix(".md"), table + "\n")
-
-
-def short_spec(spec: str) -> str:
-    """A spec without its profile path (the run's meta names it), keeping every other option."""
-    return re.sub(r",profile=[^,]*", "", spec)

@@ -32,3 +32,10 @@ def format_spec(name: str, params: dict[str, object]) -> str:
     if not params:
         return name
     return name + ":" + ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def without_profile(spec: str) -> str:
+    """``spec`` without its ``profile=PATH`` setting (a file that the runs name elsewhere), every other setting kept
+    in order: a short label for tables and figures."""
+    name, params = parse_spec(spec)
+    return format_spec(name, {k: v for k, v in params.items() if k != "profile"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kvlab.spec import without_profile
+
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
 
 
@@ -46,11 +48,4 @@ def labels(specs: list[str]) -> list[str]:
     """One label per method: its name where names differ, else its spec without ``profile=PATH`` (a file the
     methods share, which would make every label a path)."""
     short = [s.split(":", 1)[0] for s in specs]
-    if len(set(short)) == len(short):
-        return short
-    out = []
-    for spec in specs:
-        name, _, opts = spec.partition(":")
-        kept = [o for o in opts.split(",") if o and not o.startswith("profile=")]
-        out.append(name + (":" + ",".join(kept) if kept else ""))
-    return out
+    return short if len(set(short)) == len(short) else [without_profile(s) for s in specs]
