@@ -226,8 +226,7 @@ def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, ze
     """``out = codes * scale + zero``, computed in float32 and rounded once to ``out``'s dtype (``scale`` and ``zero``
     broadcast to ``codes``). Three in-place binary kernels: where the scale broadcasts along the innermost axis (a
     value's per-token scale), one three-input ``addcmul`` runs about 5x slower on a CPU, and gives the same bits."""
-    acc = out if out.dtype == torch.float32 else torch.empty(out.shape, device=out.device)
-    acc.copy_(codes)
+    acc = out.copy_(codes) if out.dtype == torch.float32 else codes.float()
     acc.mul_(scale)
     acc.add_(zero)
     if acc is not out:
