@@ -52,10 +52,16 @@ def test_pyramid_budgets_fall_linearly_around_the_mean():
 
 def test_snapkv_pools_and_keeps_the_window():
     s = torch.tensor([[[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 0.0]]])  # (B=1, h=1, n=8)
-    out = snap_scores(SimpleNamespace(scores=s), window=2, kernel=3)
+    out = snap_scores(SimpleNamespace(scores=s, age=torch.arange(7, -1, -1), time_index=None), window=2, kernel=3)
     assert out[0, 0, :6].tolist() == [0.0, 5.0, 5.0, 5.0, 0.0, 1.0]  # each token: the max of its 3 neighbours
     assert torch.isinf(out[0, 0, 6:]).all()
     assert s[0, 0, 1] == 0  # the storage's scores are not modified
+    # the same tokens stored in another order (slot writes): neighbours and the window are found in time order
+    perm = torch.tensor([[[3, 0, 7, 5, 1, 6, 2, 4]]])  # slot of each token, in time order
+    slots = torch.empty_like(s).scatter_(-1, perm, s)
+    age = torch.empty(1, 1, 8, dtype=torch.long).scatter_(-1, perm, torch.arange(7, -1, -1).view(1, 1, 8))
+    moved = snap_scores(SimpleNamespace(scores=slots, age=age, time_index=perm), window=2, kernel=3)
+    assert torch.equal(moved.gather(-1, perm), out)
     assert build("snapkv:budget=64,window=8").observed() == 8
     assert build("pyramidkv:budget=64,window=8").observed() == 8
 
@@ -70,7 +76,7 @@ def test_tova_observes_the_last_query_per_head_or_shared():
 
 def test_keydiff_keeps_the_key_unlike_the_others():
     keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, -0.1]])[None, None]  # (1, 1, 4, 2)
-    seg = SimpleNamespace(keys=keys, order=torch.arange(4))
+    seg = SimpleNamespace(stored=lambda: (keys, keys, None))
     assert build("keydiff:budget=2").score(seg)[0, 0].argmax().item() == 2
 
 

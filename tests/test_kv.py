@@ -159,9 +159,14 @@ def test_mask_causal_and_sliding():
     assert block_mask(0, 1, 1, 6).all()  # one query sees every key (attention then needs no mask)
 
 
-def test_h2o_slot_writes_keep_what_copying_keeps(tiny_llama):
+@pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3", "h2o:budget=8,recent=3,pool=3", "tova:budget=8",
+                                  "tova:budget=8,shared=1", "snapkv:budget=8,window=3,kernel=3", "snapkv:budget=8,window=3,kernel=1",
+                                  "pyramidkv:budget=8,window=3,kernel=3", "adakv:budget=8,window=3,kernel=3",
+                                  "knorm:budget=8", "knorm:budget=8,recent=2", "keydiff:budget=8"])
+def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
     """A decode step of an order-free scorer writes the new token into the evicted slot: the same tokens are
-    kept, with the same scores, as by the copying eviction, and the logits agree."""
+    kept, with the same scores, as by the copying eviction, and the logits agree (pooling scorers read their
+    time neighbours through ``time_index``)."""
     import copy
 
     from kvlab.cache import make_cache
@@ -170,19 +175,23 @@ def test_h2o_slot_writes_keep_what_copying_keeps(tiny_llama):
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
     caches, logits = [], []
     for slots in (True, False):
-        cache = make_cache(model, "h2o:budget=8,recent=3")
+        cache = make_cache(model, spec)
         for layer in cache.layers:
             for seg in layer.segments:
                 seg.slots = slots and seg.slots
         with torch.no_grad():
-            logits.append(torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(40)], 1))
+            logits.append(torch.cat([model(ids[:, :12], past_key_values=cache).logits] +
+                                    [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 40)], 1))
         caches.append(cache)
     assert (logits[0] - logits[1]).abs().max() < 1e-5
-    slotted, copied = caches[0].layers[1].segments[0], caches[1].layers[1].segments[0]
-    assert slotted._scrambled  # the slots were really used
-    values = slotted.values  # read in time order (the slots are sorted back by true position)
-    assert torch.equal(slotted.age, copied.age)  # the same tokens kept
-    assert torch.allclose(values, copied.values, atol=1e-5) and torch.allclose(slotted.scores, copied.scores, atol=1e-5)
+    for slotted, copied in zip(caches[0].layers[1].segments, caches[1].layers[1].segments):
+        assert slotted._scrambled  # the slots were really used
+        assert slotted.time_index is not None and copied.time_index is None
+        values = slotted.values  # read in time order (the slots are sorted back by true position)
+        assert torch.equal(slotted.age, copied.age)  # the same tokens kept
+        assert torch.allclose(values, copied.values, atol=1e-5)
+        if copied.scores is not None:
+            assert torch.allclose(slotted.scores, copied.scores, atol=1e-5)
 
 
 def test_growing_keys_and_values_append_into_spare_room_and_release_it_on_eviction():

@@ -39,6 +39,7 @@ class AdaKV(Method):
     reindex: bool = False
     name = "adakv"
     needs_scores = True
+    order_free = True  # decode steps write in the evicted slot
 
     def __post_init__(self) -> None:
         check_window(self.budget, self.window, self.kernel)
@@ -47,6 +48,10 @@ class AdaKV(Method):
 
     def capacity(self) -> int:
         return self.budget
+
+    @property
+    def ties(self) -> bool:
+        return self.kernel > 1
 
     def observed(self) -> int:
         return self.window

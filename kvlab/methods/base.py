@@ -35,9 +35,13 @@ class Method:
     #: a plain class attribute, so that a subclass may make it a field (``streaming:reindex=0``). Off by
     #: default: a scorer that evicts anywhere would move (and keep exact copies of) most of its keys
     reindex = False
-    #: a token's score does not depend on the order of the kept tokens (no pooling over neighbours), so a
-    #: decode step may write the new token into the evicted token's slot instead of copying the cache
+    #: a token's score does not depend on where the kept tokens are stored (a scorer that pools over time
+    #: neighbours reads them through ``seg.time_index``), so a decode step may write the new token into the
+    #: evicted token's slot instead of copying the cache
     order_free: ClassVar[bool] = False
+    #: scores with many exact ties (max-pooling): a slot step then evicts the token the copying eviction's
+    #: top-k would leave out, in time order, rather than the first lowest slot (see kvlab.storage.inplace)
+    ties = False
 
     def capacity(self) -> int | None:
         """Tokens kept per KV head between forward passes (None: unbounded)."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method, positive
-from kvlab.storage import Storage
+from kvlab.storage import Storage, pool_max
 
 
 @dataclass
@@ -33,6 +32,7 @@ class H2O(Method):
     pool: int = 1
     name = "h2o"
     needs_scores = True
+    order_free = True  # decode steps write in the evicted slot (pooling reads neighbours through seg.time_index)
 
     def __post_init__(self) -> None:
         positive("budget", self.budget)
@@ -45,15 +45,14 @@ class H2O(Method):
     def capacity(self) -> int:
         return self.budget
 
+    @property
+    def ties(self) -> bool:
+        return self.pool > 1
+
     def score(self, seg: Storage) -> torch.Tensor:
         s = seg.scores  # (batch, heads, n) accumulated attention: read, never written (as every scorer's score)
-        if self.pool > 1:  # each token: the max over its neighbourhood (padding never wins: -inf)
-            s = F.max_pool1d(s.flatten(0, -2)[:, None], self.pool, stride=1, padding=self.pool // 2).view_as(s)
+        if self.pool > 1:  # each token: the max over its neighbourhood in time (padding never wins: -inf)
+            s = pool_max(seg, s, self.pool)
         if self.recent:  # the newest tokens by age: kept tokens may sit in any order (see order_free)
             s = s.masked_fill(seg.age < self.recent, float("inf"))
         return s
-
-    @property
-    def order_free(self) -> bool:
-        """Scores that do not depend on where kept tokens sit: decode steps write in the evicted slot."""
-        return self.pool == 1

@@ -26,7 +26,8 @@ class KeyDiff(KNorm):
     name = "keydiff"
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
-        k = F.normalize(seg.keys.float(), dim=-1)  # (B, h, n, D)
-        real = (seg.order >= 0).to(k.dtype).expand(k.shape[:-1])[..., None]  # (B, h, n, 1); padding 0
+        keys, _, valid = seg.stored()
+        k = F.normalize(keys.float(), dim=-1)  # (B, h, n, D)
+        real = (torch.ones(k.shape[:-1], device=k.device) if valid is None else valid.to(k.dtype))[..., None]  # padding 0
         anchor = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1)  # (B, h, 1, D)
         return -F.cosine_similarity(k, anchor, dim=-1)  # (B, h, n)

@@ -26,6 +26,8 @@ class KNorm(Method):
     recent: int = 0
     reindex: bool = False
     name = "knorm"
+    order_free = True  # decode steps write in the evicted slot
+    ties = True  # RoPE keeps a key's norm: a repeated token's keys tie in the first layer
 
     def __post_init__(self) -> None:
         positive("budget", self.budget)
@@ -41,5 +43,5 @@ class KNorm(Method):
         return s.masked_fill(seg.age < self.recent, float("inf")) if self.recent else s
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
-        """``(B, h, n)`` scores from the kept keys alone (the one thing a key-only variant overrides)."""
-        return -seg.keys.float().norm(dim=-1)
+        """``(B, h, n)`` scores from the kept keys alone, as stored (the one thing a key-only variant overrides)."""
+        return -seg.stored()[0].float().norm(dim=-1)

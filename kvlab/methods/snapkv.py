@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method, positive
-from kvlab.storage import Storage
+from kvlab.storage import Storage, pool_max
 
 
 def check_window(budget: int, window: int, kernel: int) -> None:
@@ -23,13 +22,12 @@ def check_window(budget: int, window: int, kernel: int) -> None:
 
 
 def snap_scores(seg: Storage, window: int, kernel: int) -> torch.Tensor:
-    """``(B, h, n)``: attention from the observation window, max-pooled over ``kernel`` neighbours, the
-    window's own ``window`` newest tokens forced in (``inf``)."""
-    s = seg.scores.clone()  # (B, h, n): mean over the KV head's query heads, summed over the window's queries
+    """``(B, h, n)``: attention from the observation window, max-pooled over ``kernel`` neighbours in time, the
+    ``window`` newest tokens forced in (``inf``), whatever order the kept tokens are stored in."""
+    s = seg.scores  # (B, h, n): mean over the KV head's query heads, summed over the window's queries
     if kernel > 1:  # padding scores -inf in the storage and never wins the max
-        s = F.max_pool1d(s.flatten(0, -2)[:, None], kernel, stride=1, padding=kernel // 2).view_as(s)
-    s[..., -window:] = float("inf")
-    return s
+        s = pool_max(seg, s, kernel)
+    return s.masked_fill(seg.age < window, float("inf"))
 
 
 @dataclass
@@ -55,12 +53,17 @@ class SnapKV(Method):
     reindex: bool = False
     name = "snapkv"
     needs_scores = True
+    order_free = True  # decode steps write in the evicted slot
 
     def __post_init__(self) -> None:
         check_window(self.budget, self.window, self.kernel)
 
     def capacity(self) -> int:
         return self.budget
+
+    @property
+    def ties(self) -> bool:
+        return self.kernel > 1
 
     def observed(self) -> int:
         return self.window

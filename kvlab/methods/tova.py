@@ -29,6 +29,7 @@ class TOVA(Method):
     reindex: bool = False
     name = "tova"
     needs_scores = True
+    order_free = True  # decode steps write in the evicted slot (shared: every head picks the same slot)
 
     def __post_init__(self) -> None:
         positive("budget", self.budget)

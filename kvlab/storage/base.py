@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from kvlab.storage.plan import Group
 
@@ -37,6 +38,17 @@ class Storage(Protocol):
     @property
     def order(self) -> torch.Tensor:
         """Each kept token's index among its row's real kept tokens (time order): ``(n,)`` or ``(B, h, n)``."""
+        ...
+
+    @property
+    def time_index(self) -> torch.Tensor | None:
+        """None when the kept tokens are stored in time order; else ``(B, h, n)``, the stored slots in time order
+        (a decode step may write a new token in an evicted token's slot: :mod:`kvlab.storage.inplace`)."""
+        ...
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values ``(B, h, n, D)`` and validity ``(B, h, n)`` (None: no padding) in the order of ``scores``,
+        ``age`` and :attr:`time_index`, without reordering anything: what an order-free scorer reads."""
         ...
 
     def length_after_compress(self) -> int:
@@ -94,6 +106,16 @@ def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
     return idx.sort(dim=-1).values
 
 
+def left_out(score: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, h, 1)``: the index of the one token that :func:`keep_indices` (``budget = n - 1``) leaves out of
+    ``score (B, h, n)``, by the same top-k, so ties fall the same way; with ``perm (B, h, n)`` (the stored slots in
+    time order) the scores are ranked in time order and the slot of the token left out is returned."""
+    s = score if perm is None else score.gather(-1, perm)
+    kept = s.topk(s.shape[-1] - 1, dim=-1, sorted=False).indices
+    out = torch.ones_like(s, dtype=torch.uint8).scatter_(-1, kept, 0).argmax(dim=-1, keepdim=True)
+    return out if perm is None else perm.gather(-1, out)
+
+
 def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``t (B, h, n[, D])`` at token indices ``keep (B, h, k)`` (or ``(k,)``, the same for every row and head)
     along axis 2. A contiguous ``t`` is copied by whole rows (``index_select`` over its ``B * h * n`` rows), which
@@ -104,6 +126,16 @@ def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return t.gather(2, keep if t.dim() == 3 else keep[..., None].expand(b, h, -1, t.shape[-1]))
     rows = (keep + torch.arange(0, b * h * n, n, device=keep.device).view(b, h, 1)).flatten()
     return t.view(b * h * n, *t.shape[3:]).index_select(0, rows).view(b, h, -1, *t.shape[3:])
+
+
+def pool_max(seg: Storage, scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``scores (B, h, n)`` of ``seg``'s kept tokens, each replaced by the largest within ``kernel`` (odd) tokens
+    centred on it in time order (max-pooling; padding's ``-inf`` never wins), whatever order the tokens are
+    stored in (:attr:`Storage.time_index`)."""
+    perm = seg.time_index
+    s = scores if perm is None else scores.gather(-1, perm)
+    s = F.max_pool1d(s.flatten(0, -2)[:, None], kernel, stride=1, padding=kernel // 2).view_as(s)
+    return s if perm is None else torch.empty_like(s).scatter_(-1, perm, s)
 
 
 def order(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

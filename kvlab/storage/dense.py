@@ -43,8 +43,8 @@ class Segment(InPlaceSteps):
         self.observed = scorer.observed() if self.needs_scores else None
         self.prefix = self._moved_prefix() if self.reindex else 0  # slots whose keys may move
         # decode steps may overwrite the evicted token's slot: any order of kept tokens scores the same
-        self.slots = self.needs_scores and bool(getattr(scorer, "order_free", False)) and not self.reindex
-        self.track_pos = self.reindex or self.needs_scores
+        self.slots = bool(getattr(scorer, "order_free", False)) and not self.reindex
+        self.track_pos = self.reindex or self.needs_scores or self.slots
         self.clear()
 
     def _moved_prefix(self) -> int:
@@ -106,10 +106,6 @@ class Segment(InPlaceSteps):
         """Each kept token's index among its row's real kept tokens: ``(n,)``, or ``(B, h, n)`` with padding."""
         self._unroll()
         return order(self._valid, self.length, self.device)
-
-    def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Keys and values as stored (the window may be a turned ring): for attention without a mask."""
-        return self._k, self._v
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self._unroll()

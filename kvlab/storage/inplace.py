@@ -5,9 +5,11 @@ step writes the new token over the evicted one. The window is then a ring (``_st
 ``_head`` its oldest slot); a single query needs no mask and attention does not depend on key order, so
 decode reads the ring as it is.
 
-Slots. A scorer whose scores do not depend on the order of the kept tokens (``order_free``: H2O without
-pooling) does the same at any slot: the new token takes the place of the lowest-scoring one, found by
-one ``argmin``, and each kept token's true position (``_pos``) says its age.
+Slots. A scorer whose scores do not depend on the order the kept tokens are stored in (``order_free``: H2O,
+TOVA, SnapKV and its kin, KNorm, KeyDiff) does the same at any slot: the new token takes the place of the
+lowest-scoring one, found by one ``argmin``, and each kept token's true position (``_pos``) says its age; a
+scorer that pools over time neighbours reads them through :attr:`Segment.time_index` (a sort of ``n``
+positions, not a copy of the cache).
 
 Room to grow. A segment that only grows (the full cache, any method while it fills its budget) appends
 its keys and values into spare room at the end of a larger buffer instead of concatenating, which
@@ -16,15 +18,15 @@ copies one token and a reallocation happens once every ``ROOM`` steps or more. :
 the kept tokens; the room is reserved memory, at most 1/8 of the kept keys and values plus ``ROOM``
 tokens, and is counted by :meth:`reserved_nbytes`.
 
-Readers that need time order (``keys``/``values``, chunks of several tokens, scorers that pool over
-neighbours, :meth:`dense`) call :meth:`InPlaceSteps._unroll` first: one copy.
+Readers that need time order (``keys``/``values``, chunks of several tokens, :meth:`dense`) call
+:meth:`InPlaceSteps._unroll` first: one copy.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvlab.storage.base import gather_tokens
+from kvlab.storage.base import gather_tokens, left_out
 
 PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # the dense segment's tensors with a token axis 2
 ROOM = 64  # tokens of spare room, at least, when keys and values grow (see "Room to grow")
@@ -84,6 +86,16 @@ class InPlaceSteps:
         """``(first ring slot, slots the ring has turned by, ring length)`` of a ring-ready segment."""
         return self._start, self._head, self.length - self._start
 
+    @property
+    def time_index(self) -> torch.Tensor | None:
+        """None in time order; after slot writes, the slots sorted by true position ``(B, h, n)``."""
+        return self._pos.argsort(dim=-1) if self._scrambled else None
+
+    def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Keys, values and validity as stored (a turned ring, slot writes): for attention without a mask and for
+        order-free scorers."""
+        return self._k, self._v, self._valid
+
     def stored_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values ``(B, h, n, D)`` and true positions ``(B, h, n)`` as stored (a turned ring included)."""
         return self._k, self._v, self._pos
@@ -104,16 +116,20 @@ class InPlaceSteps:
 
     def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the
-        lowest-scoring token's slot (per row and head). False (nothing done) in any other case."""
+        lowest-scoring token's slot (per row and head; for a scorer with ties, the token the copying eviction
+        leaves out). False (nothing done) in any other case."""
         budget, n = self.group.budget, self.length
         if not self.slots or budget is None or n != budget + 1:
             return False
         self._settle()
         b, h, _, d = self._k.shape
-        victim = self.group.scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)  # (B, h, 1)
+        score = self.group.scorer.score(self).expand(b, h, n)
+        # (B, h, 1); argmin's tie-break (the first slot) would differ from top-k's where pooled scores tie
+        victim = left_out(score, self.time_index) if getattr(self.group.scorer, "ties", False) else score.argmin(dim=-1, keepdim=True)
         self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
         self._v.scatter_(2, victim[..., None].expand(b, h, 1, d), value)
-        self.scores.scatter_(2, victim, 0.0)
+        if self.scores is not None:
+            self.scores.scatter_(2, victim, 0.0)
         self._pos.scatter_(2, victim, self.seen)
         self.seen += 1
         self._scrambled = True

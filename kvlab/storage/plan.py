@@ -46,6 +46,8 @@ class Scorer(Protocol):
     reindex: bool
     #: scores do not depend on the order of kept tokens: a decode step may write in the evicted slot
     order_free: bool
+    #: scores with many exact ties (max-pooling): a slot step evicts what the copying eviction would
+    ties: bool
 
     def score(self, seg: Storage) -> torch.Tensor:
         """``(n,)`` or ``(batch, heads, n)`` scores of the kept tokens; the highest are kept."""
@@ -123,6 +125,7 @@ class RecentWindow:
     needs_scores = False
     reindex = False
     order_free = False
+    ties = False
     sinks = 0
 
     def score(self, seg: Storage) -> torch.Tensor:

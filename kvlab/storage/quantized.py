@@ -202,6 +202,9 @@ class QuantSegment:
             keys[:, :, :s + t] = self.rotary.shift(pre, pos, dtype=dtype, bound=self.seen)
         return keys, values, None
 
+    time_index = None  # the kept tokens are always stored in time order, so stored() is dense()
+    stored = dense
+
     def drop_last(self) -> None:
         raise KvlabError("a quantized part cannot give back its newest token: group positions support 16-bit methods "
                          "only; use batch positions for quant/haq")
