@@ -24,6 +24,7 @@ class KeyDiff(KNorm):
     """
 
     name = "keydiff"
+    ties = False  # a key's cosine to the anchor changes with its rotation: repeated tokens do not tie
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
         keys, _, valid = seg.stored()

@@ -88,8 +88,15 @@ class InPlaceSteps:
 
     @property
     def time_index(self) -> torch.Tensor | None:
-        """None in time order; after slot writes, the slots sorted by true position ``(B, h, n)``."""
-        return self._pos.argsort(dim=-1) if self._scrambled else None
+        """None in time order; after slot writes, the slots sorted by true position ``(B, h, n)`` (sorted once per
+        state of ``_pos``: a step's scorer and its victim's choice share it)."""
+        if not self._scrambled:
+            return None
+        pos, version, index = self._time or (None, -1, None)
+        if pos is not self._pos or version != self._pos._version:  # _pos replaced, or written in place
+            index = self._pos.argsort(dim=-1)
+            self._time = (self._pos, self._pos._version, index)
+        return index
 
     def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Keys, values and validity as stored (a turned ring, slot writes): for attention without a mask and for
