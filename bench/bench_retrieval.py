@@ -107,7 +107,7 @@ def figure(rows: list[dict], path: Path) -> None:
 
     from kvlab.lab.plotting import color
 
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    fig = Figure(figsize=(8.0, 4.2), layout="constrained")
     ax = fig.subplots()
     names = sorted({r["name"] for r in rows} - {"full"})
     for name in names:
@@ -128,7 +128,7 @@ def figure(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("passkey accuracy (all fillers)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Question-agnostic passkey retrieval vs KV kept", loc="left")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the axes: the lines cross mid-plot
     fig.savefig(path, dpi=150)
 
 
