@@ -160,7 +160,8 @@ def test_mask_causal_and_sliding():
 
 
 @pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3", "h2o:budget=8,recent=3,pool=3", "tova:budget=8",
-                                  "tova:budget=8,shared=1", "snapkv:budget=8,window=3,kernel=3", "snapkv:budget=8,window=3,kernel=1",
+                                  "tova:budget=8,shared=1", "snapkv:budget=8,window=3,kernel=3",
+                                  "snapkv:budget=8,window=3,kernel=1",
                                   "pyramidkv:budget=8,window=3,kernel=3", "adakv:budget=8,window=3,kernel=3",
                                   "knorm:budget=8", "knorm:budget=8,recent=2", "keydiff:budget=8"])
 def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):

@@ -29,6 +29,7 @@ class KeyDiff(KNorm):
     def key_scores(self, seg: Storage) -> torch.Tensor:
         keys, _, valid = seg.stored()
         k = F.normalize(keys.float(), dim=-1)  # (B, h, n, D)
-        real = (torch.ones(k.shape[:-1], device=k.device) if valid is None else valid.to(k.dtype))[..., None]  # padding 0
+        real = torch.ones(k.shape[:-1], device=k.device) if valid is None else valid.to(k.dtype)  # padding 0
+        real = real[..., None]  # (B, h, n, 1)
         anchor = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1)  # (B, h, 1, D)
         return -F.cosine_similarity(k, anchor, dim=-1)  # (B, h, n)

@@ -131,8 +131,10 @@ class InPlaceSteps:
         self._settle()
         b, h, _, d = self._k.shape
         score = self.group.scorer.score(self).expand(b, h, n)
-        # (B, h, 1); argmin's tie-break (the first slot) would differ from top-k's where pooled scores tie
-        victim = left_out(score, self.time_index) if getattr(self.group.scorer, "ties", False) else score.argmin(dim=-1, keepdim=True)
+        if getattr(self.group.scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's
+            victim = left_out(score, self.time_index)  # (B, h, 1)
+        else:
+            victim = score.argmin(dim=-1, keepdim=True)
         self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
         self._v.scatter_(2, victim[..., None].expand(b, h, 1, d), value)
         if self.scores is not None:
