@@ -195,6 +195,35 @@ def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
             assert torch.allclose(slotted.scores, copied.scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3,pool=3", "tova:budget=8", "snapkv:budget=8,window=3,kernel=3",
+                                  "adakv:budget=8,window=3,kernel=3", "knorm:budget=8", "keydiff:budget=8"])
+def test_slot_writes_keep_what_copying_keeps_in_bf16(tiny_llama, spec):
+    """The same in bf16: slot steps keep the very tokens the copying steps keep; the logits differ by bf16's
+    rounding of attention summed over another key order, at most a few ulps."""
+    import copy
+
+    from kvlab.cache import make_cache
+
+    model = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
+    caches, logits = [], []
+    for slots in (True, False):
+        cache = make_cache(model, spec)
+        for layer in cache.layers:
+            for seg in layer.segments:
+                seg.slots = slots and seg.slots
+        with torch.no_grad():
+            logits.append(torch.cat([model(ids[:, :12], past_key_values=cache).logits] +
+                                    [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 40)],
+                                    1).float())
+        caches.append(cache)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-2
+    for slotted, copied in zip(caches[0].layers[1].segments, caches[1].layers[1].segments):
+        assert slotted._scrambled
+        kept = slotted.age.sort(-1).values  # the slots in any order: compare the sets of kept tokens
+        assert torch.equal(kept, copied.age.expand_as(kept).sort(-1).values)
+
+
 def test_growing_keys_and_values_append_into_spare_room_and_release_it_on_eviction():
     """A segment that only grows writes each step into room behind its keys (no copy of the cache), holds
     exactly what concatenation would hold, reserves at most an eighth plus ROOM tokens, and frees it on eviction."""
