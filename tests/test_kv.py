@@ -151,6 +151,33 @@ def test_observed_queries_probabilities_alone_equal_the_full_eager_pass(visible,
     assert torch.allclose(received, probs[:, :, :, -3:].mean(2).sum(2), atol=1e-6)
 
 
+def test_a_chunk_over_a_long_cache_takes_sdpa_blocks_sized_by_its_mask(monkeypatch):
+    """sdpa keeps no logits, so a chunk over a long cache goes in blocks sized by the one mask every head shares
+    (in the query's dtype), not by float32 logits of every head: 512 queries over 16k float32 keys in one call
+    (blocks sized like logits made it 37 calls of 14 queries, 1.5x slower). A padded batch (a mask per row and
+    head) and the eager path (probabilities) keep logit-sized blocks. Each way gives the same outputs."""
+    from kvlab.storage import attention
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
+    g = torch.Generator().manual_seed(0)
+    q, n = 64, 8192
+    query = torch.randn(1, 36, q, 8, generator=g)  # 36 query heads: 8 MiB of logits hold 7 queries over 8192 keys
+    keys, values = torch.randn(1, 12, n, 8, generator=g), torch.randn(1, 12, n, 8, generator=g)
+    out, _ = attend(query, keys, values, scaling=0.5)
+    assert calls == [q]
+    assert attention.block_rows(1, n, attention.MASK_BYTES, 2) == 2048  # bf16: twice the rows of float32
+    calls.clear()
+    valid = torch.ones(1, 12, n, dtype=torch.bool)
+    padded, _ = attend(query, keys, values, scaling=0.5, valid=valid)
+    assert calls == [7] * 9 + [1]
+    assert torch.allclose(out, padded, atol=1e-6)
+    eager, received = attend(query, keys, values, scaling=0.5, need_probs=True)
+    assert torch.allclose(out, eager, atol=1e-5) and received.shape == (1, 12, n)
+
+
 def test_mask_causal_and_sliding():
     m = block_mask(0, 3, 3, 6)
     assert m.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]

@@ -16,9 +16,13 @@ optionally
 
 Nothing of size ``q x n`` is materialized beyond one block of queries: a prefill with nothing cached
 and no padding uses sdpa's causal kernel; a single query without padding needs no mask at all (the
-keys may then be in any order, e.g. a ring); anything else goes a block at a time, with the block
-sized so that its float32 logits stay under ``BLOCK_BYTES``. Logits are computed in the model's dtype
-and soft-maxed in float32; only the probabilities of one block exist at a time.
+keys may then be in any order, e.g. a ring); anything else goes a block at a time. Where sdpa computes
+the block with one ``(block, n)`` mask for every head (no padding, no probabilities), sdpa keeps no logits
+and the block is sized so that the mask, in the query's dtype as sdpa uses it, stays under ``MASK_BYTES``
+(a chunk of 512 queries over 16k float32 keys in one call, as transformers makes it; blocks of 14 queries,
+sized like logits, made that 1.5x slower). Otherwise the block is sized so that its float32 logits (or
+its per-row mask) stay under ``BLOCK_BYTES``. Logits are computed in the model's dtype and soft-maxed in
+float32; only the probabilities of one block exist at a time.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_BYTES = 1 << 23  # 8 MiB of float32 logits per block of queries
+MASK_BYTES = 1 << 25  # 32 MiB of one mask shared by every head, in the query's dtype (sdpa's path)
 
 
-def block_rows(batch_heads: int, n: int, limit: int = BLOCK_BYTES) -> int:
-    """Queries per block so that ``batch_heads x block x n`` float32 logits stay under ``limit`` bytes."""
-    return max(1, min(4096, limit // max(1, 4 * batch_heads * n)))
+def block_rows(batch_heads: int, n: int, limit: int = BLOCK_BYTES, itemsize: int = 4) -> int:
+    """Queries per block so that ``batch_heads x block x n`` elements of ``itemsize`` bytes (float32 logits by
+    default) stay under ``limit`` bytes."""
+    return max(1, min(4096, limit // max(1, itemsize * batch_heads * n)))
 
 
 def block_mask(start: int, stop: int, q: int, n: int, *, visible: int = 0, window: int | None = None,
@@ -76,7 +82,12 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         if q == n and window is None:  # nothing cached: sdpa's own causal kernel, no mask
             return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                                   enable_gqa=g > 1), None
-    rows = block or block_rows(b * hq, n)
+    if block is not None:
+        rows = block
+    elif plain and valid is None:  # sdpa reads one (block, n) mask for every head and keeps no logits
+        rows = block_rows(1, n, MASK_BYTES, query.element_size())
+    else:
+        rows = block_rows(b * hq, n)
     one = rows >= q  # a single block: its results are the outputs, nothing is copied into place
     out = None if one else torch.empty_like(query)
     received = torch.zeros(b, h, n, dtype=torch.float32, device=keys.device) if need_probs and not one else None
