@@ -8,6 +8,9 @@ others are kvlab specs (``head-aware`` and ``haq`` need ``--profile``, a head pr
 ``--rounds`` rounds: in each round every implementation takes one greedy decode step, timed alone, so
 all implementations share the machine's state (rounds interleaved). The figure is the median step.
 
+The prefill is interleaved too: the implementations take each chunk in turn (``prefill_s``: the seconds of
+each one's forward passes, all computing the last position's logits only, as ``kvlab.stream.feed`` does).
+
 Also per implementation: the share of step time inside the cache's update (``Segment.push``: scoring,
 eviction, append; and ``RingSet.step``, the ring steps a layer's segments take as one), the kept KV bytes,
 and the number of Python-level torch calls in one decode step (counted by a ``TorchFunctionMode``; a
@@ -37,7 +40,6 @@ from kvlab.data import load_text, tokenize
 from kvlab.spec import without_profile
 from kvlab.storage import RingSet
 from kvlab.storage.dense import Segment
-from kvlab.stream import feed
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpa;full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256;"
@@ -63,14 +65,11 @@ def _step(model, cache, token):
 
 @torch.no_grad()
 def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, warmup: int, chunk: int) -> list[dict]:
-    caches, tokens = {}, {}
-    for spec in specs:
-        model = models["sdpa" if spec == "sdpa" else "kvlab"]
-        cache = (__import__("transformers").DynamicCache(config=model.config) if spec == "sdpa"
-                 else kvlab.make_cache(model, spec))
-        t0 = time.perf_counter()
-        logits = feed(model, cache, ids, chunk) if spec != "sdpa" else _prefill_plain(model, cache, ids, chunk)
-        caches[spec], tokens[spec] = (cache, time.perf_counter() - t0), logits.argmax(-1, keepdim=True)
+    fresh = {spec: (__import__("transformers").DynamicCache(config=models["sdpa"].config) if spec == "sdpa"
+                    else kvlab.make_cache(models["kvlab"], spec)) for spec in specs}
+    seconds, logits = _prefill(models, fresh, ids, chunk)
+    caches = {spec: (fresh[spec], seconds[spec]) for spec in specs}
+    tokens = {spec: logits[spec].argmax(-1, keepdim=True) for spec in specs}
     times = {s: [] for s in specs}
     inside = {s: [] for s in specs}
     with Inside(Segment, "push") as timer, Inside(RingSet, "step") as rings:
@@ -97,10 +96,19 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
     return rows
 
 
-def _prefill_plain(model, cache, ids, chunk):
-    for s in range(0, ids.shape[1], chunk):
-        logits = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True).logits[:, -1]
-    return logits
+def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int) -> tuple[dict, dict]:
+    """Prefill every cache ``chunk`` tokens at a time, the implementations taking each chunk in turn (interleaved,
+    as the decode rounds are), each forward pass timed alone and computing the last position's logits only
+    (``kvlab.stream.feed``'s call). Returns the seconds and the last logits ``(1, vocab)`` per implementation."""
+    seconds, logits = dict.fromkeys(caches, 0.0), {}
+    for start in range(0, ids.shape[1], chunk):
+        for spec, cache in caches.items():
+            model = models["sdpa" if spec == "sdpa" else "kvlab"]
+            t = time.perf_counter()
+            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            seconds[spec] += time.perf_counter() - t
+            logits[spec] = out.logits[:, -1]
+    return seconds, logits
 
 
 def _plain_bytes(cache) -> int:
@@ -109,13 +117,13 @@ def _plain_bytes(cache) -> int:
 
 def table(rows: list[dict]) -> str:
     by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}
-    lines = ["| context | implementation | step ms | vs kvlab full | vs transformers sdpa | update share | torch calls "
-             "per step | KV MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| context | implementation | prefill s | step ms | vs kvlab full | vs transformers sdpa | update share | "
+             "torch calls per step | KV MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         full, sdpa = by.get(("full", r["context"])), by.get(("sdpa", r["context"]))
         ratio = lambda ref: f"{ref['step_ms'] / r['step_ms']:.2f}x" if ref else "n/a"  # noqa: E731
         name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{without_profile(r['impl'])}`"
-        lines.append(f"| {r['context']} | {name} | {r['step_ms']} | {ratio(full)} | {ratio(sdpa)} | "
+        lines.append(f"| {r['context']} | {name} | {r['prefill_s']} | {r['step_ms']} | {ratio(full)} | {ratio(sdpa)} | "
                      f"{100 * r['update_share']:.1f}% | {r['torch_calls']} | {r['kv_mib']} |")
     return "\n".join(lines)
 
