@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import write
+from timing import positive_ints, write
 
 from kvlab.results import git_hash, machine, versions
 from kvlab.storage.attention import MASK_BYTES, attend, block_rows
@@ -62,16 +62,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(c) for c in text.split(",")]  # a ValueError is argparse's one-line usage error
-    if min(values) < 1:
-        raise ValueError(text)
-    return values
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--contexts", default="4096,16384,65536", type=_ints, help="cached keys n, e.g. 4096,16384")
+    p.add_argument("--contexts", default="4096,16384,65536", type=positive_ints, help="cached keys n, e.g. 4096,16384")
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)

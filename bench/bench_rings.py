@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import write
+from timing import positive_ints, write
 
 from kvlab.methods.streaming_llm import StreamingLLM
 from kvlab.results import git_hash, machine, versions
@@ -69,16 +69,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _counts(text: str) -> list[int]:
-    counts = [int(c) for c in text.split(",")]  # a ValueError is argparse's one-line usage error
-    if min(counts) < 1:
-        raise ValueError(text)
-    return counts
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--segments", default="2,3,4,8", type=_counts, help="segments per layer, e.g. 2,3,4,8")
+    p.add_argument("--segments", default="2,3,4,8", type=positive_ints, help="segments per layer, e.g. 2,3,4,8")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT / "rings", help="output stem (.json and .md are added)")

@@ -1,5 +1,6 @@
-"""What the decode benchmarks share: a prefill then timed greedy decode steps through a method's cache,
-with the seconds spent inside one storage method (cache update, dequantization) added up per step."""
+"""What the benchmarks share: a prefill then timed greedy decode steps through a method's cache, with the
+seconds spent inside one storage method (cache update, dequantization) added up per step; the run's metadata,
+its result files, and the parsing of comma-separated arguments."""
 
 from __future__ import annotations
 
@@ -80,3 +81,12 @@ def write(stem: Path, rows: list[dict], table: str, meta: dict[str, Any]) -> Non
     """``stem``.json (rows + :func:`run_meta`) and ``stem``.md (the table)."""
     write_json_atomic(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     write_text_atomic(stem.with_suffix(".md"), table + "\n")
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated positive integers (``4096,16384``); a ValueError is argparse's one-line
+    usage error."""
+    values = [int(c) for c in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
