@@ -178,6 +178,54 @@ def test_a_chunk_over_a_long_cache_takes_sdpa_blocks_sized_by_its_mask(monkeypat
     assert torch.allclose(out, eager, atol=1e-5) and received.shape == (1, 12, n)
 
 
+@pytest.mark.parametrize("need_probs", [False, True])
+def test_a_per_row_padding_mask_is_shared_by_every_head(monkeypatch, need_probs):
+    """Padding the same for every head of a row (``valid (B, 1, n)``) gives what the per-head mask gives, and sdpa
+    takes it as one mask per row, in blocks sized by that mask: one call here where per-head masks take ten."""
+    from kvlab.storage import attention
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q, n = 64, 4096
+    query = torch.randn(2, 36, q, 8, generator=g)
+    keys, values = torch.randn(2, 12, n, 8, generator=g), torch.randn(2, 12, n, 8, generator=g)
+    valid = torch.ones(2, 1, n, dtype=torch.bool)
+    valid[1, :, :300] = False  # the second row is left-padded
+    per_row, got = attend(query, keys, values, scaling=0.5, valid=valid, need_probs=need_probs)
+    assert calls == ([] if need_probs else [q])
+    per_head, want = attend(query, keys, values, scaling=0.5, valid=valid.expand(2, 12, n), need_probs=need_probs)
+    assert torch.allclose(per_row, per_head, atol=1e-6)
+    assert got is None if not need_probs else torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("scorer, shared", [(None, True), (StreamingLLM(sinks=2, window=6), True),
+                                            (H2O(budget=8, recent=2), False)])
+def test_a_padded_segment_masks_rows_until_a_scorer_chooses_per_head(scorer, shared):
+    """The full cache and a positional scorer keep the same tokens in every head of a row, so attention gets one
+    mask per row; a per-head scorer's first eviction makes the masks per head again."""
+    g = torch.Generator().manual_seed(2)
+    seg = Segment(Group(heads=(0, 1), budget=None if scorer is None else 8, scorer=scorer or StreamingLLM()),
+                  Rotary(INV_FREQ))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :5] = False
+    seg.push(torch.randn(2, 2, 12, D, generator=g), torch.randn(2, 2, 12, D, generator=g), valid)
+    seg.attend(torch.randn(2, 2, 12, D, generator=g), D ** -0.5, None)
+    seg.push(torch.randn(2, 2, 4, D, generator=g), torch.randn(2, 2, 4, D, generator=g))  # evicts, if bounded
+    assert seg._rows_valid is shared
+    seen = []
+    import kvlab.storage.dense as dense
+    original = dense.attend
+    try:
+        dense.attend = lambda *a, **kw: seen.append(kw["valid"].shape[1]) or original(*a, **kw)
+        seg.attend(torch.randn(2, 2, 4, D, generator=g), D ** -0.5, None)
+    finally:
+        dense.attend = original
+    assert seen == [1 if shared else 2]
+
+
 def test_mask_causal_and_sliding():
     m = block_mask(0, 3, 3, 6)
     assert m.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]

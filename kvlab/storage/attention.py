@@ -7,7 +7,8 @@ optionally
 * ``visible``: the first ``visible`` keys are seen by every query (another part of the sequence, e.g.
   the source of a translation read so far); causality applies to the rest;
 * ``valid (B, h, n)`` bool: False marks padding, which no query attends (a padding query attends only
-  to itself, so that its output stays finite);
+  to itself, so that its output stays finite); ``(B, 1, n)`` where every head of a row holds the same tokens
+  (one mask per row, which sdpa shares across heads);
 * ``window``: a sliding window (a query sees keys less than ``window`` tokens back);
 * ``softcap``: Gemma-2's attention logit soft-capping, ``cap * tanh(logits / cap)``;
 * ``need_probs``: also return the attention probability each key received ``(B, h, n)`` float32 (mean
@@ -17,12 +18,12 @@ optionally
 Nothing of size ``q x n`` is materialized beyond one block of queries: a prefill with nothing cached
 and no padding uses sdpa's causal kernel; a single query without padding needs no mask at all (the
 keys may then be in any order, e.g. a ring); anything else goes a block at a time. Where sdpa computes
-the block with one ``(block, n)`` mask for every head (no padding, no probabilities), sdpa keeps no logits
-and the block is sized so that the mask, in the query's dtype as sdpa uses it, stays under ``MASK_BYTES``
-(a chunk of 512 queries over 16k float32 keys in one call, as transformers makes it; blocks of 14 queries,
-sized like logits, made that 1.5x slower). Otherwise the block is sized so that its float32 logits (or
-its per-row mask) stay under ``BLOCK_BYTES``. Logits are computed in the model's dtype and soft-maxed in
-float32; only the probabilities of one block exist at a time.
+the block with one ``(block, n)`` mask for every head (one per row of a padded batch whose heads hold the
+same tokens; no probabilities), sdpa keeps no logits and the block is sized so that the mask, in the query's
+dtype as sdpa uses it, stays under ``MASK_BYTES`` (a chunk of 512 queries over 16k float32 keys in one call,
+as transformers makes it; blocks of 14 queries, sized like logits, made that 1.5x slower). Otherwise the block
+is sized so that its float32 logits (or its masks per query head) stay under ``BLOCK_BYTES``. Logits are
+computed in the model's dtype and soft-maxed in float32; only the probabilities of one block exist at a time.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def block_rows(batch_heads: int, n: int, limit: int = BLOCK_BYTES, itemsize: int
 
 def block_mask(start: int, stop: int, q: int, n: int, *, visible: int = 0, window: int | None = None,
                valid: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(b, n)`` or ``(B, h, b, n)`` bool (True = attend) for queries ``start..stop-1`` of the ``q`` newest.
+    """``(b, n)`` bool (True = attend) for queries ``start..stop-1`` of the ``q`` newest; with ``valid (B, h, n)``
+    (or ``(B, 1, n)``), ``(B, h, b, n)`` (or ``(B, 1, b, n)``).
 
     Query ``i`` is the key at index ``n - q + i``; keys before ``visible`` are always seen (never padding
     of the query's own part), the others causally and within ``window``."""
@@ -82,10 +84,11 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         if q == n and window is None:  # nothing cached: sdpa's own causal kernel, no mask
             return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling,
                                                   enable_gqa=g > 1), None
+    shared = valid is None or valid.shape[1] == 1  # one mask for every head (of a row)
     if block is not None:
         rows = block
-    elif plain and valid is None:  # sdpa reads one (block, n) mask for every head and keeps no logits
-        rows = block_rows(1, n, MASK_BYTES, query.element_size())
+    elif plain and shared:  # sdpa reads one (block, n) mask for every head (of a row) and keeps no logits
+        rows = block_rows(1 if valid is None else b, n, MASK_BYTES, query.element_size())
     else:
         rows = block_rows(b * hq, n)
     one = rows >= q  # a single block: its results are the outputs, nothing is copied into place
@@ -97,7 +100,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         mask = None if unmasked else block_mask(start, stop, q, n, visible=visible, window=window, valid=valid,
                                                 device=query.device)
         if plain:
-            m = mask if mask.dim() == 2 else mask[:, :, None].expand(b, h, g, *mask.shape[-2:]).flatten(1, 2)
+            m = mask if shared else mask[:, :, None].expand(b, h, g, *mask.shape[-2:]).flatten(1, 2)
             res = F.scaled_dot_product_attention(block, keys, values, attn_mask=m, scale=scaling, enable_gqa=g > 1)
         else:
             rows_ = stop - start

@@ -37,7 +37,8 @@ class Storage(Protocol):
 
     @property
     def order(self) -> torch.Tensor:
-        """Each kept token's index among its row's real kept tokens (time order): ``(n,)`` or ``(B, h, n)``."""
+        """Each kept token's index among its row's real kept tokens (time order): ``(n,)`` or ``(B, h, n)`` (or
+        ``(B, 1, n)``, the same for every head)."""
         ...
 
     @property
@@ -139,8 +140,8 @@ def pool_max(seg: Storage, scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 def order(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    """A kept token's index among its row's real kept tokens: ``(n,)`` without padding, else ``(B, h, n)``
-    with -1 for padding."""
+    """A kept token's index among its row's real kept tokens: ``(n,)`` without padding, else shaped like ``valid``
+    (``(B, h, n)`` or ``(B, 1, n)``) with -1 for padding."""
     if valid is None:
         return torch.arange(n, device=device)
     return (valid.cumsum(-1) - 1).masked_fill(~valid, -1)

@@ -15,7 +15,9 @@ slots for order-free ones) are in :mod:`kvlab.storage.inplace`.
 
 Padding. ``_valid (B, h, n)`` marks real tokens once a padded chunk arrived (None before: no cost
 without padding). Padding scores ``-inf`` against any scorer, so a row keeps exactly what it would
-keep alone and budgets count real tokens; attention never reads it.
+keep alone and budgets count real tokens; attention never reads it. Until a scorer chooses per head, every head
+of a row holds the same tokens, so attention gets one mask per row (``(B, 1, n)``), which sdpa shares across
+heads, instead of one per head.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Segment(InPlaceSteps):
         self._v: torch.Tensor | None = None  # (B, h, n, D)
         self._pos: torch.Tensor | None = None  # (B, h, n) int64 true positions (re-indexing, scored eviction)
         self._valid: torch.Tensor | None = None  # (B, h, n) bool, once padding was seen
+        self._rows_valid = True  # every head of a row holds the same tokens (no per-head choice since padding)
         self._src: torch.Tensor | None = None  # (B, h, prefix, D) original keys of the prefix slots
         self._src_fixed = False  # _src holds the stream's first tokens, which never leave the prefix slots
         self._prepared: tuple[torch.Tensor, ...] | None = None  # (_src, _k, Rotary.shift_by's two inputs)
@@ -104,9 +107,11 @@ class Segment(InPlaceSteps):
 
     @property
     def order(self) -> torch.Tensor:
-        """Each kept token's index among its row's real kept tokens: ``(n,)``, or ``(B, h, n)`` with padding."""
+        """Each kept token's index among its row's real kept tokens: ``(n,)``, or ``(B, h, n)`` with padding
+        (``(B, 1, n)`` while every head of a row holds the same tokens)."""
         self._unroll()
-        return order(self._valid, self.length, self.device)
+        valid = self._valid[:, :1] if self._valid is not None and self._rows_valid else self._valid
+        return order(valid, self.length, self.device)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self._unroll()
@@ -184,6 +189,8 @@ class Segment(InPlaceSteps):
         if prefix is None:
             keys, values = self._k, self._v  # a turned ring is read only by a single query, without a mask
             valid, visible = self._valid, 0
+            if valid is not None and self._rows_valid:  # one mask per row: sdpa shares it across heads
+                valid = valid[:, :1]
             if self._head and (window is not None and self.length > window):
                 keys, values, valid = self.dense()
         else:
@@ -213,6 +220,7 @@ class Segment(InPlaceSteps):
     def _start_padding(self, b: int, h: int, device: torch.device) -> None:
         self._unroll()
         self._valid = torch.ones(b, h, self.length, dtype=torch.bool, device=device)
+        self._rows_valid = True
         self._real = torch.full((b, 1, 1), self.seen, dtype=torch.long, device=device)
 
     def _evict_and_append(self, new: dict[str, torch.Tensor]) -> None:
@@ -242,6 +250,7 @@ class Segment(InPlaceSteps):
         else:
             score = self.group.scorer.score(self)
             if self._valid is not None:
+                self._rows_valid &= score.dim() == 1 or score.shape[1] == 1  # else heads may now keep other tokens
                 score = score.expand(*self._valid.shape).masked_fill(~self._valid, -torch.inf)
             keep = keep_indices(score, budget)  # (budget,) or (B, h, budget)
         keep = keep.expand(*self._k.shape[:2], -1) if keep.dim() == 1 else keep
