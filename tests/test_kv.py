@@ -8,7 +8,7 @@ import torch
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Group
 from kvlab.storage import Rotary, keep_indices
-from kvlab.storage.attention import attend, block_mask
+from kvlab.storage.attention import MASK_BYTES, attend, block_mask, block_rows
 from kvlab.storage.dense import Segment
 from kvlab.methods.h2o import H2O
 from kvlab.methods.streaming_llm import StreamingLLM
@@ -151,24 +151,30 @@ def test_observed_queries_probabilities_alone_equal_the_full_eager_pass(visible,
     assert torch.allclose(received, probs[:, :, :, -3:].mean(2).sum(2), atol=1e-6)
 
 
-def test_a_chunk_over_a_long_cache_takes_sdpa_blocks_sized_by_its_mask(monkeypatch):
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """The query length of every sdpa call kvlab's attention makes while the test runs."""
+    from kvlab.storage import attention
+
+    seen: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: seen.append(q.shape[2]) or sdpa(q, *a, **kw))
+    return seen
+
+
+def test_a_chunk_over_a_long_cache_takes_sdpa_blocks_sized_by_its_mask(calls):
     """sdpa keeps no logits, so a chunk over a long cache goes in blocks sized by the one mask every head shares
     (in the query's dtype), not by float32 logits of every head: 512 queries over 16k float32 keys in one call
     (blocks sized like logits made it 37 calls of 14 queries, 1.5x slower). A padded batch (a mask per row and
     head) and the eager path (probabilities) keep logit-sized blocks. Each way gives the same outputs."""
-    from kvlab.storage import attention
-
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
-                        lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
     g = torch.Generator().manual_seed(0)
     q, n = 64, 8192
     query = torch.randn(1, 36, q, 8, generator=g)  # 36 query heads: 8 MiB of logits hold 7 queries over 8192 keys
     keys, values = torch.randn(1, 12, n, 8, generator=g), torch.randn(1, 12, n, 8, generator=g)
     out, _ = attend(query, keys, values, scaling=0.5)
     assert calls == [q]
-    assert attention.block_rows(1, n, attention.MASK_BYTES, 2) == 2048  # bf16: twice the rows of float32
+    assert block_rows(1, n, MASK_BYTES, 2) == 2048  # bf16: twice the rows of float32
     calls.clear()
     valid = torch.ones(1, 12, n, dtype=torch.bool)
     padded, _ = attend(query, keys, values, scaling=0.5, valid=valid)
@@ -179,15 +185,9 @@ def test_a_chunk_over_a_long_cache_takes_sdpa_blocks_sized_by_its_mask(monkeypat
 
 
 @pytest.mark.parametrize("need_probs", [False, True])
-def test_a_per_row_padding_mask_is_shared_by_every_head(monkeypatch, need_probs):
+def test_a_per_row_padding_mask_is_shared_by_every_head(calls, need_probs):
     """Padding the same for every head of a row (``valid (B, 1, n)``) gives what the per-head mask gives, and sdpa
     takes it as one mask per row, in blocks sized by that mask: one call here where per-head masks take ten."""
-    from kvlab.storage import attention
-
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
-                        lambda q, *a, **kw: calls.append(q.shape[2]) or sdpa(q, *a, **kw))
     g = torch.Generator().manual_seed(1)
     q, n = 64, 4096
     query = torch.randn(2, 36, q, 8, generator=g)
