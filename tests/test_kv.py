@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -234,20 +236,12 @@ def test_mask_causal_and_sliding():
     assert block_mask(0, 1, 1, 6).all()  # one query sees every key (attention then needs no mask)
 
 
-@pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3", "h2o:budget=8,recent=3,pool=3", "tova:budget=8",
-                                  "tova:budget=8,shared=1", "snapkv:budget=8,window=3,kernel=3",
-                                  "snapkv:budget=8,window=3,kernel=1",
-                                  "pyramidkv:budget=8,window=3,kernel=3", "adakv:budget=8,window=3,kernel=3",
-                                  "knorm:budget=8", "knorm:budget=8,recent=2", "keydiff:budget=8"])
-def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
-    """A decode step of an order-free scorer writes the new token into the evicted slot: the same tokens are
-    kept, with the same scores, as by the copying eviction, and the logits agree (pooling scorers read their
-    time neighbours through ``time_index``)."""
-    import copy
-
+def _slot_and_copy_runs(model: torch.nn.Module, spec: str) -> tuple[list, list[torch.Tensor]]:
+    """The same 12-token prefill and 28 decode steps through two caches of ``spec``: one whose segments write
+    decode steps into slots, one whose segments copy. Returns both caches and their logits ``(1, 40, vocab)``
+    float32, in that order."""
     from kvlab.cache import make_cache
 
-    model = copy.deepcopy(tiny_llama)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
     caches, logits = [], []
     for slots in (True, False):
@@ -257,8 +251,22 @@ def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
                 seg.slots = slots and seg.slots
         with torch.no_grad():
             logits.append(torch.cat([model(ids[:, :12], past_key_values=cache).logits] +
-                                    [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 40)], 1))
+                                    [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 40)],
+                                    1).float())
         caches.append(cache)
+    return caches, logits
+
+
+@pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3", "h2o:budget=8,recent=3,pool=3", "tova:budget=8",
+                                  "tova:budget=8,shared=1", "snapkv:budget=8,window=3,kernel=3",
+                                  "snapkv:budget=8,window=3,kernel=1",
+                                  "pyramidkv:budget=8,window=3,kernel=3", "adakv:budget=8,window=3,kernel=3",
+                                  "knorm:budget=8", "knorm:budget=8,recent=2", "keydiff:budget=8"])
+def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
+    """A decode step of an order-free scorer writes the new token into the evicted slot: the same tokens are
+    kept, with the same scores, as by the copying eviction, and the logits agree (pooling scorers read their
+    time neighbours through ``time_index``)."""
+    caches, logits = _slot_and_copy_runs(copy.deepcopy(tiny_llama), spec)
     assert (logits[0] - logits[1]).abs().max() < 1e-5
     for slotted, copied in zip(caches[0].layers[1].segments, caches[1].layers[1].segments):
         assert slotted._scrambled  # the slots were really used
@@ -275,23 +283,7 @@ def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
 def test_slot_writes_keep_what_copying_keeps_in_bf16(tiny_llama, spec):
     """The same in bf16: slot steps keep the very tokens the copying steps keep; the logits differ by bf16's
     rounding of attention summed over another key order, at most a few ulps."""
-    import copy
-
-    from kvlab.cache import make_cache
-
-    model = copy.deepcopy(tiny_llama).to(torch.bfloat16)
-    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
-    caches, logits = [], []
-    for slots in (True, False):
-        cache = make_cache(model, spec)
-        for layer in cache.layers:
-            for seg in layer.segments:
-                seg.slots = slots and seg.slots
-        with torch.no_grad():
-            logits.append(torch.cat([model(ids[:, :12], past_key_values=cache).logits] +
-                                    [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 40)],
-                                    1).float())
-        caches.append(cache)
+    caches, logits = _slot_and_copy_runs(copy.deepcopy(tiny_llama).to(torch.bfloat16), spec)
     assert (logits[0] - logits[1]).abs().max() <= 1e-2
     for slotted, copied in zip(caches[0].layers[1].segments, caches[1].layers[1].segments):
         assert slotted._scrambled
