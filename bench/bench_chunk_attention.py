@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from timing import positive_ints, write
+from timing import positive_ints, run_meta, write
 
-from kvlab.results import git_hash, machine, versions
 from kvlab.storage.attention import MASK_BYTES, attend, block_rows
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -83,8 +82,7 @@ def main() -> None:
     if args.chunk < 1 or args.rounds < 1 or args.batch < 1 or min(args.contexts) < max(args.chunk, 64 * args.batch):
         p.error("--chunk, --rounds and --batch must be positive, and every context at least the chunk and 64 x batch")
     torch.set_num_threads(args.threads)
-    meta = {"threads": args.threads, "versions": versions(), "git_hash": git_hash(), "machine": machine("cpu"),
-            "args": {k: str(v) for k, v in vars(args).items()}}
+    meta = run_meta(None, args)
     with torch.no_grad():
         rows = [measure(m, n, args.chunk, args.rounds) for m, (*_, top) in SHAPES.items()
                 for n in args.contexts if top is None or n <= top]

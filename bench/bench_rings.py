@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from timing import positive_ints, write
+from timing import positive_ints, run_meta, write
 
 from kvlab.methods.streaming_llm import StreamingLLM
-from kvlab.results import git_hash, machine, versions
 from kvlab.storage import Group, RingSet, Rotary
 from kvlab.storage.dense import Segment
 
@@ -77,8 +76,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT / "rings", help="output stem (.json and .md are added)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    meta = {"threads": args.threads, "versions": versions(), "git_hash": git_hash(), "machine": machine("cpu"),
-            "args": {k: str(v) for k, v in vars(args).items()}}
+    meta = run_meta(None, args)
     with torch.no_grad():
         rows = [measure(c, args.rounds) for c in args.segments]
     print(table(rows))

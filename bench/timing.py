@@ -71,10 +71,13 @@ def decode(model: Any, ids: torch.Tensor, spec: str, steps: int, warmup: int, ch
                    "inside_share": round(sum(spent) / sum(times), 4)}
 
 
-def run_meta(model: Any, args: Any) -> dict[str, Any]:
-    """What a benchmark run was: model, threads, versions, git hash (taken when the run starts), machine, args."""
-    return {"model": args.model, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
-            "machine": machine(str(model.device)), "args": {k: str(v) for k, v in vars(args).items()}}
+def run_meta(model: Any | None, args: Any) -> dict[str, Any]:
+    """What a benchmark run was: model, threads, versions, git hash (taken when the run starts), machine, args.
+    ``model`` None: a benchmark of kvlab's own tensors on the CPU, no model."""
+    meta = {"model": args.model} if model is not None else {}
+    return {**meta, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
+            "machine": machine("cpu" if model is None else str(model.device)),
+            "args": {k: str(v) for k, v in vars(args).items()}}
 
 
 def write(stem: Path, rows: list[dict], table: str, meta: dict[str, Any]) -> None:
