@@ -135,6 +135,17 @@ def test_keep_indices_sorted_in_time():
     assert keep_indices(s, 3).tolist() == [1, 2, 4]
 
 
+@pytest.mark.parametrize("shape", [(9,), (1, 1, 40), (2, 3, 300), (1, 2, 1700)])
+def test_keeping_all_but_one_token_keeps_what_top_k_keeps(shape):
+    """A decode step's eviction (``budget = n - 1``) takes every index but the one the top-k leaves out, without
+    sorting: the same indices as the top-k sorted in time, tied scores included, on a strided score too."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(0, 4, (*shape[:-1], shape[-1] + 5), generator=g).float()[..., 5:]  # many ties, not contiguous
+    n = shape[-1]
+    expect = s.topk(n - 1, dim=-1, sorted=False).indices.sort(dim=-1).values
+    assert torch.equal(keep_indices(s, n - 1), expect)
+
+
 @pytest.mark.parametrize("visible, window", [(0, None), (3, None), (0, 5)])
 def test_observed_queries_probabilities_alone_equal_the_full_eager_pass(visible, window):
     """A scorer reading the last ``observed`` queries' attention (SnapKV, TOVA) gets their probabilities from

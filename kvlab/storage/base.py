@@ -103,13 +103,17 @@ class Storage(Protocol):
 
 def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
     """Indices of the ``budget`` highest scores along the last axis, in increasing (time) order."""
+    n = score.shape[-1]
+    if budget == n - 1 and n > 1:  # one token leaves (a decode step): every index but :func:`left_out`'s, no sort
+        idx = torch.arange(n - 1, device=score.device)
+        return idx + (idx >= left_out(score))
     idx = score.topk(budget, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values
 
 
 def left_out(score: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, h, 1)``: the index of the one token that :func:`keep_indices` (``budget = n - 1``) leaves out of
-    ``score (B, h, n)``, by the same top-k, so ties fall the same way; with ``perm (B, h, n)`` (the stored slots in
+    """``(B, h, 1)``: the index of the one token that the top ``n - 1`` of ``score (B, h, n)`` leave out (what a
+    top-k eviction of one token drops, ties included: :func:`keep_indices` keeps the others); with ``perm (B, h, n)`` (the stored slots in
     time order) the scores are ranked in time order and the slot of the token left out is returned."""
     s = score if perm is None else score.gather(-1, perm)
     kept = s.topk(s.shape[-1] - 1, dim=-1, sorted=False).indices

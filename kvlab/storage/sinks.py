@@ -50,12 +50,13 @@ class ExactSinks:
         """Keep the tokens of ``key_states``, ``value_states (B, h, q, D)`` (true positions ``seen..``) that are among
         the first ``count`` ever seen; return the others."""
         s = max(0, min(self.count - seen, key_states.shape[-2]))
-        if s:
-            sink = key_states[:, :, :s]
-            sink = sink.float() if self.rotary is None else self.rotary.shift_range(sink, seen, -1, torch.float32)
-            self.keys = torch.cat((self.keys, sink), dim=2)
-            self.values = torch.cat((self.values, value_states[:, :, :s]), dim=2)
-            self._prepared = None
+        if not s:  # every later token (each decode step): nothing to slice
+            return key_states, value_states
+        sink = key_states[:, :, :s]
+        sink = sink.float() if self.rotary is None else self.rotary.shift_range(sink, seen, -1, torch.float32)
+        self.keys = torch.cat((self.keys, sink), dim=2)
+        self.values = torch.cat((self.values, value_states[:, :, :s]), dim=2)
+        self._prepared = None
         return key_states[:, :, s:], value_states[:, :, s:]
 
     def rotate_into(self, out: torch.Tensor, start: int) -> None:
