@@ -58,6 +58,7 @@ class KVLayer(CacheLayerMixin):
         self._kidx: list[tuple[int, int] | None] = []  # each segment's KV heads as (start, count), where contiguous
         self._rings: RingSet | None = None  # segments whose decode steps are taken as one (storage/rings.py)
         self._ringable = False
+        self._in_order = False
 
     # -- transformers' layer API -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -72,6 +73,10 @@ class KVLayer(CacheLayerMixin):
             self._qidx.append((heads[0] * g, len(heads) * g) if contiguous else
                               (seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten())
             self._kidx.append((heads[0], len(heads)) if contiguous else None)
+        starts = [q[0] if isinstance(q, tuple) else -1 for q in self._qidx]
+        sizes = [q[1] if isinstance(q, tuple) else 0 for q in self._qidx]
+        # the segments' query heads follow each other in order
+        self._in_order = starts == [sum(sizes[:i]) for i in range(len(sizes))]
         self._ringable = RingSet.possible(self.segments)
         self.is_initialized = True
 
@@ -158,7 +163,10 @@ class KVLayer(CacheLayerMixin):
                 seg.push(*pending, valid)
             out = seg.attend(query, scaling, window, softcap, prefix=prefix.segments[0] if prefix else None)
         else:
-            out = torch.empty_like(query)
+            # a decode step's outputs in head order are one concatenation (a chunk's go in place: the layout the
+            # model reads them back in)
+            out = None if self._in_order and query.shape[2] == 1 else torch.empty_like(query)
+            parts = []
             # one new token: the storage copies it into its slot, so a view of the layer's new keys will do
             step = pending is not None and pending[0].shape[2] == 1
             rings = self._ring_set(step and valid is None and prefix is None)
@@ -173,10 +181,14 @@ class KVLayer(CacheLayerMixin):
                     seg.push(pending[0].index_select(1, seg.heads), pending[1].index_select(1, seg.heads), valid)
                 res = seg.attend(query.narrow(1, *qidx) if isinstance(qidx, tuple) else query.index_select(1, qidx),
                                  scaling, window, softcap, prefix=prefix.segments[i] if prefix else None)
-                if isinstance(qidx, tuple):
+                if out is None:
+                    parts.append(res)
+                elif isinstance(qidx, tuple):
                     out.narrow(1, *qidx).copy_(res)
                 else:
                     out.index_copy_(1, qidx, res)
+            if out is None:
+                out = torch.cat(parts, dim=1)
         if self.on_filled is not None:
             self.on_filled()
         return out

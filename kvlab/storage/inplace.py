@@ -135,8 +135,9 @@ class InPlaceSteps:
             victim = left_out(score, self.time_index)  # (B, h, 1)
         else:
             victim = score.argmin(dim=-1, keepdim=True)
-        self._k.scatter_(2, victim[..., None].expand(b, h, 1, d), key)
-        self._v.scatter_(2, victim[..., None].expand(b, h, 1, d), value)
+        slot = victim[..., None].expand(b, h, 1, d)
+        self._k.scatter_(2, slot, key)
+        self._v.scatter_(2, slot, value)
         if self.scores is not None:
             self.scores.scatter_(2, victim, 0.0)
         self._pos.scatter_(2, victim, self.seen)
