@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import Inside, run_meta, write
-from torch.overrides import TorchFunctionMode
+from timing import CountCalls, Inside, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -45,17 +44,6 @@ OUT = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpa;full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256;"
            "head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2")
 
-
-class CountCalls(TorchFunctionMode):
-    """Counts the torch functions and tensor methods called from Python while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _step(model, cache, token):

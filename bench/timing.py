@@ -1,6 +1,6 @@
 """What the benchmarks share: a prefill then timed greedy decode steps through a method's cache, with the
-seconds spent inside one storage method (cache update, dequantization) added up per step; the run's metadata,
-its result files, and the parsing of comma-separated arguments."""
+seconds spent inside one storage method (cache update, dequantization) added up per step; a count of the torch
+calls a step makes; the run's metadata, its result files, and the parsing of comma-separated arguments."""
 
 from __future__ import annotations
 
@@ -10,11 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import kvlab
 from kvlab.device import synchronize
 from kvlab.results import git_hash, machine, versions, write_json_atomic, write_text_atomic
 from kvlab.stream import feed
+
+
+class CountCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called from Python while active (about one kernel launch each
+    on a GPU, where a decode step at batch 1 is bound by launches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
 class Inside:
