@@ -45,7 +45,6 @@ METHODS = ("sdpa;full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256;"
            "head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2")
 
 
-
 def _step(model, cache, token):
     logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
     return logits.argmax(-1, keepdim=True)
