@@ -4,6 +4,7 @@ calls a step makes; the run's metadata, its result files, and the parsing of com
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -86,16 +87,24 @@ def decode(model: Any, ids: torch.Tensor, spec: str, steps: int, warmup: int, ch
 
 
 def run_meta(model: Any | None, args: Any) -> dict[str, Any]:
-    """What a benchmark run was: model, threads, versions, git hash (taken when the run starts), machine, args.
-    ``model`` None: a benchmark of kvlab's own tensors on the CPU, no model."""
+    """What a benchmark run was: model, threads, versions, git hash (taken when the run starts), machine, the load
+    average at the start, args. ``model`` None: a benchmark of kvlab's own tensors on the CPU, no model."""
     meta = {"model": args.model} if model is not None else {}
     return {**meta, "threads": torch.get_num_threads(), "versions": versions(), "git_hash": git_hash(),
-            "machine": machine("cpu" if model is None else str(model.device)),
+            "machine": machine("cpu" if model is None else str(model.device)), "load_avg_start": load_average(),
             "args": {k: str(v) for k, v in vars(args).items()}}
 
 
+def load_average() -> list[float] | None:
+    """The machine's load over the last 1, 5 and 15 minutes (None where the OS does not say): about 1 while one
+    pinned benchmark runs alone, 2 or more beside another job, which shares the memory bus and moves every timing."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def write(stem: Path, rows: list[dict], table: str, meta: dict[str, Any]) -> None:
-    """``stem``.json (rows + :func:`run_meta`) and ``stem``.md (the table)."""
+    """``stem``.json (rows + :func:`run_meta`, with the load average at the end of the run) and ``stem``.md (the
+    table)."""
+    meta = {**meta, "load_avg_end": load_average()}
     write_json_atomic(stem.with_suffix(".json"), {"meta": meta, "rows": rows})
     write_text_atomic(stem.with_suffix(".md"), table + "\n")
 
