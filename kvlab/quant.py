@@ -150,6 +150,18 @@ def quantize(x: torch.Tensor, bits: int, *, axis: int, group_size: int,
     values beyond its range are a KvlabError (pass ``torch.float32``). That check reads a flag back from the
     device; ``check=False`` skips it, for a caller that checks :func:`finite` of the result later.
     """
+    codes, scale, zero = quantize_codes(x, bits, axis=axis, group_size=group_size, scale_dtype=scale_dtype,
+                                        check=check)
+    return QTensor(data=pack(codes, bits), scale=scale, zero=zero, bits=bits, shape=x.shape,
+                   axis=axis % x.dim(), group_size=group_size)
+
+
+def quantize_codes(x: torch.Tensor, bits: int, *, axis: int, group_size: int,
+                   scale_dtype: torch.dtype = torch.float16, check: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`quantize` packs: the codes, unpacked, of ``x`` with ``axis`` moved last (integers in
+    ``[0, 2**bits)``, in the compute dtype), and the ``(..., n_groups)`` scales and zero points, for a caller that
+    packs the codes in another layout (a key block's codes go token-major)."""
     _check_bits(bits)
     if not x.is_floating_point():
         raise KvlabError(f"quantize needs a floating-point tensor, got {x.dtype}")
@@ -167,23 +179,22 @@ def quantize(x: torch.Tensor, bits: int, *, axis: int, group_size: int,
     mn, mx = groups.amin(dim=-1), groups.amax(dim=-1)               # (..., G)
     zero = _round_toward(mn, scale_dtype, mn, up=False)
     scale = _round_toward((mx - zero.to(compute)) / levels, scale_dtype, (mx - zero.to(compute)) / levels, up=True)
-    if check and not bool(_finite(scale, zero)):
+    if check and not bool(scales_finite(scale, zero)):
         raise KvlabError(f"{overflow(scale_dtype)} (values of magnitude up to {float(moved.abs().max()):.3g})")
     s, z = scale.to(compute).unsqueeze(-1), zero.to(compute).unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     codes = torch.clamp(torch.round((groups - z) / safe), 0, levels)  # (..., G, gs)
-    codes = codes.reshape(*moved.shape[:-1], -1)[..., :moved.shape[-1]]
-    return QTensor(data=pack(codes, bits), scale=scale, zero=zero, bits=bits, shape=x.shape,
-                   axis=axis, group_size=group_size)
+    return codes.reshape(*moved.shape[:-1], -1)[..., :moved.shape[-1]], scale, zero
 
 
 def finite(q: QTensor) -> torch.Tensor:
     """Whether every scale and zero point of ``q`` is finite: a 0-dim bool tensor on ``q``'s device (not read
     back)."""
-    return _finite(q.scale, q.zero)
+    return scales_finite(q.scale, q.zero)
 
 
-def _finite(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def scales_finite(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on their device: every scale and zero point is finite (read it when it suits)."""
     return torch.isfinite(scale).all() & torch.isfinite(zero).all()
 
 

@@ -24,7 +24,7 @@ import torch
 
 from kvlab.device import HostCopy
 from kvlab.errors import KvlabError
-from kvlab.quant import BITS, finite, overflow, pack, quantize, unpack
+from kvlab.quant import BITS, finite, overflow, pack, quantize, quantize_codes, scales_finite
 from kvlab.storage.base import gather_tokens
 
 PER_TOKEN = ("kcodes", "vcodes", "vscale", "vzero", "kblock", "kpos")  # tensors with one entry per token (axis 2)
@@ -99,20 +99,20 @@ class QuantBody:
         bits, width = self.bits, d * self.bits // 8
         if self.lead is not None and self.lead + self.length != self.group_size * self.kscale.shape[2]:
             self.lead = None
-        qk = quantize(keys, bits, axis=2, group_size=self.group_size, check=False)  # codes in (B, h, D, m) order
+        # the keys' codes come unpacked, in (B, h, D, m) order, and are packed once token-major
+        kc, kscale, kzero = quantize_codes(keys, bits, axis=2, group_size=self.group_size, check=False)
         qv = quantize(values, bits, axis=3, group_size=self.vgroup, check=False)  # codes in (B, h, m, D) order
-        ok = finite(qk) & finite(qv)
+        ok = scales_finite(kscale, kzero) & finite(qv)
         self.check()  # the previous unchecked block (its flag is on the host by now)
         if check and not bool(ok):
             raise KvlabError(overflow())
         self._finite = None if check else HostCopy(ok)
-        kc = unpack(qk.data, bits, keys.numel()).view(b, h, d, m).transpose(2, 3)  # (B, h, m, D), once per block
-        self.kcodes = torch.cat((self.kcodes, pack(kc.contiguous(), bits).view(b, h, m, width)), dim=2)
+        self.kcodes = torch.cat((self.kcodes, pack(kc.transpose(2, 3), bits).view(b, h, m, width)), dim=2)
         self.vcodes = torch.cat((self.vcodes, qv.data.view(b, h, m, width)), dim=2)
         rows = self.kscale.shape[2] + torch.arange(m, device=keys.device) // self.group_size
         self.kblock = torch.cat((self.kblock, rows.to(torch.int16).expand(b, h, m)), dim=2)
-        self.kscale = torch.cat((self.kscale, qk.scale.transpose(2, 3)), dim=2)  # (B, h, m/G, D)
-        self.kzero = torch.cat((self.kzero, qk.zero.transpose(2, 3)), dim=2)
+        self.kscale = torch.cat((self.kscale, kscale.transpose(2, 3)), dim=2)  # (B, h, m/G, D)
+        self.kzero = torch.cat((self.kzero, kzero.transpose(2, 3)), dim=2)
         self.vscale = torch.cat((self.vscale, qv.scale), dim=2)  # (B, h, m, D/Gv)
         self.vzero = torch.cat((self.vzero, qv.zero), dim=2)
         if self.kpos is not None:
