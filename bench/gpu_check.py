@@ -270,8 +270,8 @@ def table(report: dict) -> str:
     lines = [f"GPU check on {report['device']} (torch {report['torch']}, transformers {report['transformers']}): "
              f"contract {'passed' if ok else 'FAILED'}, {report.get('seconds')} s", "",
              "Host syncs in decode steps: " + host_syncs(report["contract"]), "",
-             "| context | batch | impl | prefill s | decode ms/token | vs sdpa | vs kvlab full | torch calls per step | "
-             "peak - weights MiB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| context | batch | impl | prefill s | decode ms/token | vs sdpa | vs kvlab full | "
+             "torch calls per step | peak - weights MiB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     by = {(r["context"], r["batch"], r["impl"]): r for r in report["speed"]}
     for (c, b, impl), r in by.items():
         base, full = by.get((c, b, "sdpa")), by.get((c, b, "full"))

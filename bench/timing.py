@@ -97,7 +97,8 @@ def run_meta(model: Any | None, args: Any) -> dict[str, Any]:
 
 def load_average() -> list[float] | None:
     """The machine's load over the last 1, 5 and 15 minutes (None where the OS does not say): up to about 1 while
-    one pinned benchmark runs alone, 2 or more beside another job, which shares the memory bus and moves every timing."""
+    one pinned benchmark runs alone, 2 or more beside another job, which shares the memory bus and moves every
+    timing."""
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
