@@ -35,8 +35,8 @@ from kvlab.errors import KvlabError
 
 BITS = (2, 4, 8)
 
-__all__ = ["BITS", "QTensor", "quantize", "dequantize", "fake_quantize", "finite", "overflow", "pack", "unpack",
-           "quantize_keys", "quantize_values"]
+__all__ = ["BITS", "QTensor", "quantize", "quantize_codes", "dequantize", "fake_quantize", "finite", "scales_finite",
+           "overflow", "pack", "unpack", "quantize_keys", "quantize_values"]
 
 
 def _check_bits(bits: int) -> None:
