@@ -110,8 +110,13 @@ class Segment(InPlaceSteps):
         """Each kept token's index among its row's real kept tokens: ``(n,)``, or ``(B, h, n)`` with padding
         (``(B, 1, n)`` while every head of a row holds the same tokens)."""
         self._unroll()
-        valid = self._valid[:, :1] if self._valid is not None and self._rows_valid else self._valid
-        return order(valid, self.length, self.device)
+        return order(self._masks, self.length, self.device)
+
+    @property
+    def _masks(self) -> torch.Tensor | None:
+        """The validity as attention and :attr:`order` read it: ``(B, 1, n)`` while every head of a row holds the same
+        tokens (one mask per row, which sdpa shares across heads), else ``(B, h, n)``; None without padding."""
+        return self._valid[:, :1] if self._valid is not None and self._rows_valid else self._valid
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self._unroll()
@@ -188,9 +193,7 @@ class Segment(InPlaceSteps):
         (after ``prefix``'s, seen by every query). Accumulates the scores of H2O-like scorers."""
         if prefix is None:
             keys, values = self._k, self._v  # a turned ring is read only by a single query, without a mask
-            valid, visible = self._valid, 0
-            if valid is not None and self._rows_valid:  # one mask per row: sdpa shares it across heads
-                valid = valid[:, :1]
+            valid, visible = self._masks, 0
             if self._head and (window is not None and self.length > window):
                 keys, values, valid = self.dense()
         else:
