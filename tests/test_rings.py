@@ -11,6 +11,7 @@ import torch
 from kvlab.cache import make_cache
 from kvlab.methods.streaming_llm import StreamingLLM
 from kvlab.storage import Group, RingSet, Rotary
+from kvlab.storage import rings as rings_module
 from kvlab.storage.dense import Segment
 from profiles import round_robin_profile
 from references import D, INV_FREQ
@@ -28,7 +29,11 @@ def test_shift_each_is_shift_by_of_each_head(dtype):
     keys = torch.randn(2, 4, 3, D, generator=torch.Generator().manual_seed(2)).to(dtype)
     prepared = rotary.prepare(keys)
     for deltas in ([0, 1, 1000, 65_535], [70_000, 3, 65_536, 12]):
-        got = rotary.shift_each(prepared, torch.tensor(deltas), max(deltas)).to(dtype)
+        pair = rotary.pairs_each(torch.tensor(deltas), max(deltas))
+        ahead = rotary.pairs_each(torch.tensor([deltas, deltas[::-1]]), max(deltas))  # several steps' rows at once
+        assert torch.equal(ahead[0], pair) and torch.equal(ahead[1], pair.flip(1))
+        got = rotary.shift_each(prepared, pair).to(dtype)
+        assert torch.equal(rotary.shift_each(prepared, ahead)[0].to(dtype), got)  # several steps' rotations at once
         for h, delta in enumerate(deltas):
             alone = torch.zeros_like(keys[:, h:h + 1])
             rotary.shift_by(prepared[:, :, h:h + 1], delta, rotary.rotated(alone))
@@ -42,7 +47,9 @@ def _segments(sinks: int, dtype: torch.dtype, rotary: Rotary) -> list[Segment]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sinks", [0, 2])
-def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks):
+@pytest.mark.parametrize("ahead", [5, rings_module.AHEAD])
+def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks, ahead, monkeypatch):
+    monkeypatch.setattr(rings_module, "AHEAD", ahead)  # 5: the set plans its slots and rows again and again
     g = torch.Generator().manual_seed(7)
     total = 60
     pos = torch.arange(total)
@@ -92,7 +99,7 @@ def test_a_segment_stepping_alone_breaks_the_set():
         assert RingSet.of(segs, least=2) is None
         for seg, h in zip(segs, HEADS):
             seg.push(keys[:, list(h), t:t + 1], keys[:, list(h), t:t + 1])
-    assert RingSet.of(segs) is None  # three segments: cheaper alone (LEAST)
+    assert RingSet.of(segs, least=4) is None  # fewer ready segments than a set needs
     rings = RingSet.of(segs, least=2)
     assert rings is not None and rings.intact()
     rings.step(keys[:, :, 14:15], keys[:, :, 14:15])
@@ -136,7 +143,8 @@ def test_head_aware_steps_its_local_windows_as_one_set(tmp_path):
                     assert all(layer._rings is not None for layer in cache.layers)
                     for layer in cache.layers:  # the set's float32 sink copies are counted beside the bytes held
                         own = sum(seg.reserved_nbytes() for seg in layer.segments)
-                        assert layer.reserved_nbytes() == own + layer._rings._prepared.nbytes > own
+                        rings = layer._rings  # and the next steps' slots and rotated sinks
+                        assert layer.reserved_nbytes() == own + rings._prepared.nbytes + rings._slots.nbytes + rings._rotated.nbytes > own
             out.append(model(ids[:, 56:60], past_key_values=cache).logits)
             assert all(layer._rings is None for layer in cache.layers)
             out.append(model(ids[:, 59:60], past_key_values=cache).logits)

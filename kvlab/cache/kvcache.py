@@ -45,7 +45,9 @@ class KVLayer(CacheLayerMixin):
             groups = [_cap_sliding(g, info.sliding_window) for g in groups]
         self.info = info
         self.is_sliding = info.sliding_window is not None
-        self.segments: list[Storage] = [make_segment(g, rotary) for g in groups]
+        # in the order of their first KV head: a decode step's outputs of groups of consecutive heads are then
+        # one concatenation
+        self.segments: list[Storage] = [make_segment(g, rotary) for g in sorted(groups, key=lambda g: min(g.heads))]
         self.seen = 0  # tokens fed through this layer so far
         self.last_q = 0
         self.on_filled: Callable[[], None] | None = None  # called after this layer took a forward pass's tokens

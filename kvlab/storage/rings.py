@@ -1,19 +1,21 @@
 """The ring steps of several dense segments of one layer, taken as one.
 
-A method that gives every head its own window (head-aware's local heads: a window per head, from its
-locality) holds a layer's heads in several segments, and each of them pays a ring step's fixed cost at
-every decode step: a write of the new key and value, a write of its position, and the re-rotation of its
-sinks, a handful of kernels whatever its size. :class:`RingSet` takes the segments of a layer that are in
-the ring's steady state (:meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`) and moves their keys,
-values and positions into one buffer each, of exactly their sizes, the segments keeping views of their
-part. A decode step then writes every segment's token with one ``index_copy_`` per buffer and re-rotates
-every sink with one gather of cos/sin rows (:meth:`~kvlab.storage.rope.Rotary.shift_each`): about fifteen
-kernels for the whole set, where each segment takes about five, so a set pays from four segments on
-(:data:`LEAST`; models with 8 KV heads, such as Llama-3-8B and Gemma-2-9B, have up to 8 per layer). Each
-segment still attends on its own (its views), and keeps its bookkeeping (``seen``, where its ring turns) as
-if it had stepped alone, so the set can be dropped at any time: a segment that does anything else (a chunk
-of several tokens, padding, a beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says
-the set no longer holds.
+A method that gives every head its own window (head-aware's local heads: a window per head, from its locality) holds
+a layer's heads in several segments, and each of them pays a ring step's fixed cost at every decode step: a write of
+the new key and value, a write of its position, and the re-rotation of its sinks, a handful of kernels whatever its
+size. :class:`RingSet` takes the segments of a layer that are in the ring's steady state
+(:meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`) and moves their keys, values and positions into one buffer
+each, of exactly their sizes, the segments keeping views of their part. A decode step then writes every segment's
+token with one ``index_copy_`` per buffer and re-rotates every sink with one product of its originals and its
+cos/sin rows (:meth:`~kvlab.storage.rope.Rotary.shift_each`): about six kernels for the whole set, where each
+segment takes about five. Each head's ring slot and its sinks' cos/sin rows for the next :data:`AHEAD` steps are
+gathered at once, since a ring turns by one slot a step. So a set pays from two segments on (:data:`LEAST`):
+head-aware's local heads on SmolLM2 (three KV heads, mostly each with its own window) took 0.6 ms less of a 44 ms
+decode step at 4k tokens as sets; models with 8 KV heads (Llama-3-8B, Gemma-2-9B) have up to 8 segments per layer. Each
+segment still attends on its own (its views), and keeps its bookkeeping (``seen``, where its ring turns) as if it
+had stepped alone, so the set can be dropped at any time: a segment that does anything else (a chunk of several
+tokens, padding, a beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says the set no longer
+holds.
 
 The values written are those of the segments' own steps, bit for bit (tested): the same rows of the same
 cos/sin table, the same products and sums, rounded once to the cache's dtype.
@@ -26,10 +28,10 @@ import torch
 from kvlab.storage.base import Storage
 from kvlab.storage.dense import Segment
 
-# The fewest segments worth a set. A set's step is about 15 kernels whatever its size, a segment's own ring
-# step about 5: on one CPU core three segments cost the same either way, two are cheaper alone, eight take
-# 2.7x less time as a set (a layer of 8 KV heads, each with its own window).
-LEAST = 4
+# The fewest segments worth a set (see the module docstring); at 2, 3 and 4 a set of SmolLM2's head-aware layers
+# took 7.4, 7.8 and 8.3 ms of a 2k step's attention (4: only layers of 4 KV heads or more, none there).
+LEAST = 2
+AHEAD = 16  # steps whose slots and cos/sin rows a set gathers at once
 
 
 class RingSet:
@@ -50,9 +52,9 @@ class RingSet:
         if len(ready) < least:
             return None
         ready = [s for s in ready if _kind(s) == _kind(ready[0])]
-        return cls(ready) if len(ready) >= least else None
+        return cls(ready, sum(len(s.group.heads) for s in storages)) if len(ready) >= least else None
 
-    def __init__(self, segments: list[Segment]):
+    def __init__(self, segments: list[Segment], num_kv_heads: int | None = None):
         first = segments[0]
         self.segments = segments
         self.members = frozenset(segments)
@@ -88,6 +90,8 @@ class RingSet:
             off += size
         device = first.device
         self.heads = torch.cat([seg.heads for seg in segments]).to(device)  # the layer's KV heads, in set order
+        # the new states need no gather when the set holds the layer's KV heads in their order
+        self._all = num_kv_heads is not None and self.heads.tolist() == list(range(num_kv_heads))
         self._base = torch.tensor(base, device=device)  # a head's first ring slot in the buffer
         self._phase = torch.tensor(phase, device=device)  # where its ring turned to when the set began
         self._width = torch.tensor(width, device=device)  # its ring's length
@@ -95,6 +99,9 @@ class RingSet:
         self._min_len = min(lens)
         self._sink_slots = torch.tensor(sinks, dtype=torch.long, device=device)
         self._steps = 0
+        self._slots: torch.Tensor | None = None  # (AHEAD, H) the next steps' slot of each head (see _plan)
+        self._rotated: torch.Tensor | None = None  # (AHEAD, B, H * sinks, rot) the sinks' keys at those steps
+        self._planned = 0  # the step _slots[0] is for
         self._turned0 = [seg.ring()[1] for seg in segments]
         self._groups = [seg.group for seg in segments]  # a new budget (e.g. none: stop evicting) ends the set
         self._prepared = None
@@ -105,9 +112,9 @@ class RingSet:
             self._k_rot = self.k[..., :rot]  # the rotated channels (partial rotary leaves the others)
 
     def reserved_nbytes(self) -> int:
-        """The float32 copies of the segments' sink originals that a step rotates (the keys and values themselves
-        are the segments' bytes, moved here)."""
-        return self._prepared.nbytes if self._prepared is not None else 0
+        """The float32 copies of the segments' sink originals, and the next steps' slots and rotated sinks (the keys
+        and values themselves are the segments' bytes, moved here)."""
+        return sum(t.nbytes for t in (self._prepared, self._slots, self._rotated) if t is not None)
 
     def intact(self) -> bool:
         """Every segment still holds its views and its group (budget and scorer), and has taken no step of its own
@@ -122,18 +129,33 @@ class RingSet:
     def step(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """One decode step of every segment: ``key``/``value (B, kv_heads, 1, D)`` are the layer's new states
         (all its KV heads; the set takes its own)."""
+        i = self._steps - self._planned
+        if self._slots is None or i == AHEAD:
+            self._plan()
+            i = 0
         b, d = key.shape[0], key.shape[-1]
-        slots = torch.remainder(self._phase + self._steps, self._width).add_(self._base)  # (H,)
-        self.k.index_copy_(1, slots, key.index_select(1, self.heads).view(b, -1, d))
-        self.v.index_copy_(1, slots, value.index_select(1, self.heads).view(b, -1, d))
+        slots = self._slots[i]  # (H,)
+        if not self._all:
+            key, value = key.index_select(1, self.heads), value.index_select(1, self.heads)
+        self.k.index_copy_(1, slots, key.reshape(b, -1, d))
+        self.v.index_copy_(1, slots, value.reshape(b, -1, d))
         self.pos.index_fill_(1, slots, self.seen)
         self.seen += 1
         self._steps += 1
         for seg in self.segments:
             seg.advance()
         if self.sinks:  # each head's sinks sit at frame positions seen - n..: rotated by seen - n from their originals
-            rotated = self.rotary.shift_each(self._prepared, self.seen - self._lens, self.seen - self._min_len)
-            self._k_rot.index_copy_(1, self._sink_slots, rotated.flatten(1, 2).to(self.k.dtype))
+            self._k_rot.index_copy_(1, self._sink_slots, self._rotated[i])
+
+    def _plan(self) -> None:
+        """The slots and the rotated sinks of the next :data:`AHEAD` steps, from the step about to be taken: a ring
+        turns by one slot a step, and its sinks by one position, so each step then writes what was planned."""
+        ahead = torch.arange(AHEAD, device=self._base.device)[:, None]  # (AHEAD, 1)
+        self._slots = torch.remainder(self._phase + (ahead + self._steps), self._width).add_(self._base)
+        if self.sinks:  # the step from seen to seen + 1 rotates each head's sinks by seen + 1 - n
+            pairs = self.rotary.pairs_each(ahead + (self.seen + 1) - self._lens, self.seen + AHEAD - self._min_len)
+            self._rotated = self.rotary.shift_each(self._prepared, pairs).flatten(2, 3).to(self.k.dtype)
+        self._planned = self._steps
 
 
 def _kind(seg: Segment) -> tuple:

@@ -104,17 +104,24 @@ class Rotary:
             pairs = torch.stack((ang.cos(), ang.sin()), 1)
         _sum_into(prepared * pairs.transpose(0, 1)[:, None, None, :, None, :], out)  # pairs: (2, 1, 1, m, 1, rot/2)
 
-    def shift_each(self, prepared: torch.Tensor, delta: torch.Tensor, top: int) -> torch.Tensor:
-        """The keys of ``prepared`` (:meth:`prepare`, ``(2, B, h, m, 2, rot/2)``), head ``j`` rotated by ``delta[j]``
-        positions (``delta (h,)`` long on the keys' device, every value in ``[0, top]``, ``top`` a host int): the
-        rotated channels ``(B, h, m, 2 * (rot/2))`` in float32. Bit for bit :meth:`shift_by` of each head."""
+    def pairs_each(self, delta: torch.Tensor, top: int) -> torch.Tensor:
+        """The cos and sin rows of ``delta (..., h)`` positions (long on the keys' device, every value in ``[0, top]``,
+        ``top`` a host int), shaped for :meth:`shift_each`: ``(..., 2, h, rot/2)`` float32, read from the table (one
+        gather for all of them) or computed beyond it."""
         half = self.inv_freq.shape[0]
         if top < TABLE_POSITIONS:
-            pair = self._pairs(top + 1, prepared.device).index_select(0, delta).view(-1, 2, half).transpose(0, 1)
+            rows = self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, half)
         else:
-            ang = delta.float()[:, None] * self._inv(prepared.device)  # (h, rot/2)
-            pair = torch.stack((ang.cos(), ang.sin()))
-        return (prepared * pair[:, None, :, None, None, :]).sum(0).flatten(-2)
+            ang = delta.float()[..., None] * self._inv(delta.device)  # (..., h, rot/2)
+            rows = torch.stack((ang.cos(), ang.sin()), dim=-2)
+        return rows.transpose(-2, -3)
+
+    def shift_each(self, prepared: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        """The keys of ``prepared`` (:meth:`prepare`, ``(2, B, h, m, 2, rot/2)``), head ``j`` rotated by its own
+        number of positions, whose cos/sin rows ``pair (..., 2, h, rot/2)`` :meth:`pairs_each` gave: the rotated
+        channels ``(..., B, h, m, 2 * (rot/2))`` in float32 (leading axes of ``pair``: several rotations at once). Bit
+        for bit :meth:`shift_by` of each head."""
+        return (prepared * pair[..., None, :, None, None, :]).sum(-6).flatten(-2)
 
     def _pairs(self, m: int, device: torch.device) -> torch.Tensor:
         """``(>= m, 2, 1, 1, 1, 1, rot/2)``: the table, each position's cos and sin shaped to multiply a
