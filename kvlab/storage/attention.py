@@ -115,8 +115,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
             probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
             del logits
             res = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)
-            if need_probs:
-                got = probs.mean(dim=2).sum(dim=2)
+            if need_probs:  # one query: its probabilities are the sum (a copy saved)
+                got = probs.mean(dim=2)
+                got = got[:, :, 0] if rows_ == 1 else got.sum(dim=2)
                 received = got if received is None else received.add_(got)
         if one:
             out = res
