@@ -14,7 +14,8 @@ each one's forward passes, all computing the last position's logits only, as ``k
 Also per implementation: the share of step time inside the cache's update (``Segment.push``: scoring,
 eviction, append; and ``RingSet.step``, the ring steps a layer's segments take as one), the kept KV bytes,
 and the number of Python-level torch calls in one decode step (counted by a ``TorchFunctionMode``; a
-launch on a GPU costs several microseconds, so the count should not grow with the context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
+launch on a GPU costs several microseconds, so the count should not grow with the context). Ratios (vs kvlab
+``full``, vs ``sdpa``) are computed here.
 Prints a table and writes bench/results/decode.json and .md (``--out`` another stem).
 
 Targets (issue 12), at 4,096 tokens with budget 1,024, against kvlab ``full``: h2o >= 1.0x, head-aware
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 from timing import CountCalls, Inside, run_meta, write
+from transformers import DynamicCache
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -45,6 +47,11 @@ METHODS = ("sdpa;full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256;"
            "head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2")
 
 
+def _model(models: dict, spec: str):
+    """The model an implementation runs: plain transformers' copy for ``sdpa``, kvlab's for a spec."""
+    return models["sdpa" if spec == "sdpa" else "kvlab"]
+
+
 def _step(model, cache, token):
     logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
     return logits.argmax(-1, keepdim=True)
@@ -52,8 +59,9 @@ def _step(model, cache, token):
 
 @torch.no_grad()
 def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, warmup: int, chunk: int) -> list[dict]:
-    fresh = {spec: (__import__("transformers").DynamicCache(config=models["sdpa"].config) if spec == "sdpa"
-                    else kvlab.make_cache(models["kvlab"], spec)) for spec in specs}
+    plain = models["sdpa"].config
+    fresh = {spec: DynamicCache(config=plain) if spec == "sdpa" else kvlab.make_cache(models["kvlab"], spec)
+             for spec in specs}
     seconds, logits = _prefill(models, fresh, ids, chunk)
     caches = {spec: (fresh[spec], seconds[spec]) for spec in specs}
     tokens = {spec: logits[spec].argmax(-1, keepdim=True) for spec in specs}
@@ -62,7 +70,7 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
     with Inside(Segment, "push") as timer, Inside(RingSet, "step") as rings:
         for r in range(warmup + rounds):
             for spec in specs:
-                model = models["sdpa" if spec == "sdpa" else "kvlab"]
+                model = _model(models, spec)
                 before = timer.seconds + rings.seconds
                 t = time.perf_counter()
                 tokens[spec] = _step(model, caches[spec][0], tokens[spec])
@@ -71,7 +79,7 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
                     inside[spec].append(timer.seconds + rings.seconds - before)
     rows = []
     for spec in specs:
-        model = models["sdpa" if spec == "sdpa" else "kvlab"]
+        model = _model(models, spec)
         with CountCalls() as counter:
             tokens[spec] = _step(model, caches[spec][0], tokens[spec])
         cache = caches[spec][0]
@@ -90,7 +98,7 @@ def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int) -> tuple
     seconds, logits = dict.fromkeys(caches, 0.0), {}
     for start in range(0, ids.shape[1], chunk):
         for spec, cache in caches.items():
-            model = models["sdpa" if spec == "sdpa" else "kvlab"]
+            model = _model(models, spec)
             t = time.perf_counter()
             out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
             seconds[spec] += time.perf_counter() - t
@@ -120,7 +128,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--contexts", default="1024,4096,16384")
     p.add_argument("--methods", default=METHODS, help="';'-separated: sdpa and kvlab specs ({p}: --profile)")
-    p.add_argument("--profile", default="", help="head profile of the model (head-aware, haq); without it they are skipped")
+    p.add_argument("--profile", default="",
+                   help="head profile of the model (head-aware, haq); without it they are skipped")
     p.add_argument("--rounds", type=int, default=24)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
