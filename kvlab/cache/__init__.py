@@ -13,7 +13,7 @@
 * :func:`make_cache` — the public entry point.
 
 Positions: the cache reports ``get_seq_length() == tokens seen``, so the model rotates new tokens at
-their true positions; re-indexing is done inside the storage (see :mod:`kvlab.storage.dense`). A padded
+their true positions; re-indexing is done inside the storage (see :mod:`kvlab.storage.frames`). A padded
 batch must number its tokens as ``generate`` does (``position_ids = cumsum(attention_mask) - 1``).
 Masks: the mask of a forward pass covers only its new tokens; it is None unless one of them is padding
 (then ``(B, q)`` bool), so no ``q x n`` mask is ever built here.

@@ -12,7 +12,7 @@ every source token read so far and to the earlier target tokens. Here:
   compresses itself) and attend over the kept source tokens followed by the kept target tokens.
 
 Each part is compressed by its own cache with its own budget and re-indexes its own positions (a kept
-key's position is relative to the tokens its part has seen, see :mod:`kvlab.storage.dense`), so a
+key's position is relative to the tokens its part has seen, see :mod:`kvlab.storage.frames`), so a
 compressed source keeps source positions and a compressed target keeps target positions. Sliding-window
 layers are not supported (a window over two interleaved groups is not defined), nor quantized parts
 (a quantized part cannot give back its newest token).

@@ -1,14 +1,7 @@
 """Dense storage of one group of heads: the kept keys and values as ``(B, h, n, D)`` tensors.
 
-Positions. Keys arrive rotated (RoPE) at their true position ``p`` (for a padded row: its count of
-real tokens before it, as ``generate`` numbers them). When the scorer re-indexes, the key at cache
-index ``i`` of ``n`` kept real tokens sits at *frame* position ``seen - n + i`` (``seen``: real tokens
-fed so far). A query at true position ``seen + j`` then sees each kept key at distance ``n + j - i``:
-exactly the distance it would have if every token's position were its index in the cache
-(StreamingLLM, section 3.2), because RoPE attention depends only on differences of positions. Only
-keys that precede an evicted token move: a prefix of the cache (for StreamingLLM the sinks; for a
-scored method every slot). Moved keys are re-derived from an exact copy of their original, held for
-that prefix only, by one rotation (:mod:`kvlab.storage.rope`): no drift in bf16 however long the stream.
+Positions. Where the scorer re-indexes, kept keys sit at *frame* positions (StreamingLLM): see
+:mod:`kvlab.storage.frames`.
 
 In place. Decode steps that write the new token over an evicted one (a ring for positional scorers,
 slots for order-free ones) are in :mod:`kvlab.storage.inplace`.
@@ -28,11 +21,12 @@ import torch
 
 from kvlab.storage.attention import attend
 from kvlab.storage.base import Storage, gather_tokens, keep_indices, order
+from kvlab.storage.frames import FramePositions
 from kvlab.storage.inplace import PER_TOKEN, InPlaceSteps
 from kvlab.storage.plan import Group
 from kvlab.storage.rope import Rotary
 
-class Segment(InPlaceSteps):
+class Segment(InPlaceSteps, FramePositions):
     """The kept tokens of one :class:`~kvlab.storage.plan.Group` of KV heads, dense."""
 
     def __init__(self, group: Group, rotary: Rotary | None):
@@ -48,14 +42,6 @@ class Segment(InPlaceSteps):
         self.slots = bool(getattr(scorer, "order_free", False)) and not self.reindex
         self.track_pos = self.reindex or self.needs_scores or self.slots
         self.clear()
-
-    def _moved_prefix(self) -> int:
-        """Slots that can hold a moved key: before the last run of a positional scorer, else all."""
-        budget = self.group.budget
-        runs = self.group.scorer.runs(budget + 1)
-        if runs and runs[-1][1] == budget + 1:
-            return budget - (runs[-1][1] - runs[-1][0])
-        return budget
 
     def clear(self) -> None:
         self._k: torch.Tensor | None = None  # (B, h, n, D) keys at frame positions
@@ -265,39 +251,6 @@ class Segment(InPlaceSteps):
                 kept = gather_tokens(t, keep)
                 setattr(self, name, torch.cat((kept, new[name]), dim=2) if name in new else kept)
 
-    def _gather_originals(self, idx: torch.Tensor) -> torch.Tensor:
-        """Original keys of the tokens at slots ``idx (B, h, m)``: from ``_src`` for the prefix slots, else the
-        stored key itself (a key outside the prefix has never moved)."""
-        stored = gather_tokens(self._k, idx)
-        if self._src is None:
-            return stored
-        m = self._src.shape[2]
-        inside = gather_tokens(self._src, idx.clamp(max=m - 1))
-        return torch.where((idx < m)[..., None], inside, stored)
-
-    def _refresh(self) -> None:
-        """Rotate the prefix slots' keys from their originals to their frame positions."""
-        if self._src is None:
-            return
-        m = min(self._src.shape[2], self.length)
-        n = self.length
-        if self._src_fixed and self._valid is None:  # tokens 0..m-1 at frame seen-n..: all move by seen - n
-            src, k, prepared, out = self._prepared or (None, None, None, None)
-            if src is not self._src or k is not self._k or out.shape[2] != m:
-                prepared = self.rotary.prepare(self._src[:, :, :m])
-                out = self.rotary.rotated(self._k[:, :, :m])
-                self._prepared = (self._src, self._k, prepared, out)
-            self.rotary.shift_by(prepared, self.seen - n, out)
-            return
-        if self._valid is None:
-            frame = torch.arange(self.seen - n, self.seen - n + m, device=self.device)
-        else:
-            valid = self._valid
-            frame = self._real - valid.sum(-1, keepdim=True) + valid[..., :m].cumsum(-1) - 1
-        delta = frame - self._pos[:, :, :m]
-        if self._valid is not None:
-            delta = delta.masked_fill(~self._valid[..., :m], 0)
-        self._k[:, :, :m] = self.rotary.shift(self._src[:, :, :m], delta, bound=self.seen + 1)
 
 
 def _ones_like(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

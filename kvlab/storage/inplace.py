@@ -117,10 +117,6 @@ class InPlaceSteps:
         """Whether the segment still holds exactly these tensors (what :meth:`hand_over` gave it), with no padding."""
         return self._k is keys and self._v is values and self._pos is pos and self._valid is None
 
-    def sink_originals(self) -> torch.Tensor:
-        """The exact originals of the moved prefix's keys (the sinks) ``(B, h, prefix, D)``."""
-        return self._src[:, :, :self.prefix]
-
     def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the
         lowest-scoring token's slot (per row and head; for a scorer with ties, the token the copying eviction
@@ -144,12 +140,6 @@ class InPlaceSteps:
         self.seen += 1
         self._scrambled = True
         return True
-
-    def _keep_originals(self) -> None:
-        """Before the first eviction of a re-indexing segment: copy the prefix slots' keys, the stream's first
-        tokens, which never leave those slots (nothing has moved yet)."""
-        if self.prefix and self._src is None:
-            self._src, self._src_fixed = self._k[:, :, :self.prefix].clone(), True
 
     def _extend(self, name: str, new: torch.Tensor) -> torch.Tensor:
         """``getattr(self, name)`` with ``new (B, h, q, ...)`` appended on the token axis: written into the

@@ -21,7 +21,7 @@ Kept tokens read in the order sinks, body, residual.
 Positions. With ``rope="pre"`` (the default) quantized keys and sinks are stored **before RoPE**: a key is
 un-rotated from its true position (in float32) when it becomes a sink or leaves the residual for the body. At
 attention time they are dequantized and rotated, in float32 and rounded once to the model's dtype, to their frame
-position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.dense`): exact re-indexing, no drift
+position ``seen - n + i`` (n kept, i its index; see :mod:`kvlab.storage.frames`): exact re-indexing, no drift
 however often tokens are evicted; when the scorer keeps original positions (H2O's default), to their true
 position instead, kept per body token (int32). This is KVQuant's choice (Hooper et al. 2024): RoPE turns pairs of
 channels by a position-dependent angle, which blurs the per-channel structure that per-channel scales exploit.
