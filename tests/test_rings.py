@@ -48,7 +48,8 @@ def _segments(sinks: int, dtype: torch.dtype, rotary: Rotary) -> list[Segment]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sinks", [0, 2])
 @pytest.mark.parametrize("ahead", [5, rings_module.AHEAD])
-def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks, ahead, monkeypatch):
+@pytest.mark.parametrize("apart", [None, 1])  # 1: the middle segment steps on its own, the set takes heads 0 and 3
+def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks, ahead, apart, monkeypatch):
     monkeypatch.setattr(rings_module, "AHEAD", ahead)  # 5: the set plans its slots and rows again and again
     g = torch.Generator().manual_seed(7)
     total = 60
@@ -66,18 +67,19 @@ def test_a_ring_set_writes_what_each_segment_writes_alone(dtype, sinks, ahead, m
         for seg, h in zip(alone, HEADS):
             seg.push(k[:, list(h)], v[:, list(h)])
         if rings is None or not rings.intact():
-            rings = RingSet.of(together, least=2)
+            rings = RingSet.of([s for j, s in enumerate(together) if j != apart], least=2)
         if rings is not None:
             rings.step(k, v)
             used += 1
-        else:
-            for seg, h in zip(together, HEADS):
+        for seg, h in zip(together, HEADS):
+            if rings is None or seg not in rings.members:
                 seg.push(k[:, list(h)], v[:, list(h)])
         query = torch.randn(2, 8, 1, D, generator=g).to(dtype)
         for a, b, h in zip(alone, together, HEADS):
             q = query[:, 2 * h[0]:2 * (h[-1] + 1)]
             assert torch.equal(a.attend(q, 0.5, None), b.attend(q, 0.5, None))
     assert used >= 35 and rings.intact() and all(seg._head for seg in together)  # the rings really turned
+    assert len(rings.segments) == (3 if apart is None else 2)
     assert sum(seg.nbytes() for seg in together) == sum(seg.nbytes() for seg in alone)  # the views: the same bytes
     for a, b in zip(alone, together):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.age, b.age)

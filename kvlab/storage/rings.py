@@ -2,16 +2,15 @@
 
 A method that gives every head its own window (head-aware's local heads: a window per head, from its locality) holds
 a layer's heads in several segments, and each of them pays a ring step's fixed cost at every decode step: a write of
-the new key and value, a write of its position, and the re-rotation of its sinks, a handful of kernels whatever its
+the new key and value, a write of its position, and the re-rotation of its sinks, about five kernels whatever its
 size. :class:`RingSet` takes the segments of a layer that are in the ring's steady state
 (:meth:`~kvlab.storage.inplace.InPlaceSteps.ring_ready`) and moves their keys, values and positions into one buffer
-each, of exactly their sizes, the segments keeping views of their part. A decode step then writes every segment's
-token with one ``index_copy_`` per buffer and re-rotates every sink with one product of its originals and its
-cos/sin rows (:meth:`~kvlab.storage.rope.Rotary.shift_each`): about six kernels for the whole set, where each
-segment takes about five. Each head's ring slot and its sinks' cos/sin rows for the next :data:`AHEAD` steps are
-gathered at once, since a ring turns by one slot a step. So a set pays from two segments on (:data:`LEAST`):
-head-aware's local heads on SmolLM2 (three KV heads, mostly each with its own window) took 0.6 ms less of a 44 ms
-decode step at 4k tokens as sets; models with 8 KV heads (Llama-3-8B, Gemma-2-9B) have up to 8 segments per layer. Each
+each, of exactly their sizes, the segments keeping views of their part. A ring turns by one slot a step and its
+sinks move by one position, so the set plans the next :data:`AHEAD` steps at once: each head's slot, and its sinks'
+keys rotated from their originals (:meth:`~kvlab.storage.rope.Rotary.shift_each`). A decode step then writes every
+segment's token, position and sinks with four kernels for the whole set. So a set pays from two segments on
+(:data:`LEAST`; ``bench/bench_rings.py``): SmolLM2's head-aware layers (three KV heads, mostly each with its own
+window) step as sets, and models with 8 KV heads (Llama-3-8B, Gemma-2-9B) have up to 8 segments per layer. Each
 segment still attends on its own (its views), and keeps its bookkeeping (``seen``, where its ring turns) as if it
 had stepped alone, so the set can be dropped at any time: a segment that does anything else (a chunk of several
 tokens, padding, a beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says the set no longer
@@ -28,10 +27,10 @@ import torch
 from kvlab.storage.base import Storage
 from kvlab.storage.dense import Segment
 
-# The fewest segments worth a set (see the module docstring); at 2, 3 and 4 a set of SmolLM2's head-aware layers
-# took 7.4, 7.8 and 8.3 ms of a 2k step's attention (4: only layers of 4 KV heads or more, none there).
+# The fewest segments worth a set: one set step of 2 segments took 11.4 us, their own steps 28.4 us; of 3 segments
+# 12.0 and 42.4 us (bench/bench_rings.py, one CPU core)
 LEAST = 2
-AHEAD = 16  # steps whose slots and cos/sin rows a set gathers at once
+AHEAD = 16  # steps a set plans at once (their rotated sinks are reserved memory)
 
 
 class RingSet:
@@ -52,9 +51,9 @@ class RingSet:
         if len(ready) < least:
             return None
         ready = [s for s in ready if _kind(s) == _kind(ready[0])]
-        return cls(ready, sum(len(s.group.heads) for s in storages)) if len(ready) >= least else None
+        return cls(ready) if len(ready) >= least else None
 
-    def __init__(self, segments: list[Segment], num_kv_heads: int | None = None):
+    def __init__(self, segments: list[Segment]):
         first = segments[0]
         self.segments = segments
         self.members = frozenset(segments)
@@ -90,8 +89,8 @@ class RingSet:
             off += size
         device = first.device
         self.heads = torch.cat([seg.heads for seg in segments]).to(device)  # the layer's KV heads, in set order
-        # the new states need no gather when the set holds the layer's KV heads in their order
-        self._all = num_kv_heads is not None and self.heads.tolist() == list(range(num_kv_heads))
+        # the set's heads are 0..H-1 in order: the new states of a layer of H KV heads need no gather
+        self._first = self.heads.tolist() == list(range(len(self.heads)))
         self._base = torch.tensor(base, device=device)  # a head's first ring slot in the buffer
         self._phase = torch.tensor(phase, device=device)  # where its ring turned to when the set began
         self._width = torch.tensor(width, device=device)  # its ring's length
@@ -135,7 +134,7 @@ class RingSet:
             i = 0
         b, d = key.shape[0], key.shape[-1]
         slots = self._slots[i]  # (H,)
-        if not self._all:
+        if not (self._first and key.shape[1] == len(self.heads)):
             key, value = key.index_select(1, self.heads), value.index_select(1, self.heads)
         self.k.index_copy_(1, slots, key.reshape(b, -1, d))
         self.v.index_copy_(1, slots, value.reshape(b, -1, d))
@@ -144,7 +143,7 @@ class RingSet:
         self._steps += 1
         for seg in self.segments:
             seg.advance()
-        if self.sinks:  # each head's sinks sit at frame positions seen - n..: rotated by seen - n from their originals
+        if self.sinks:  # each head's sinks, at their frame positions after this step
             self._k_rot.index_copy_(1, self._sink_slots, self._rotated[i])
 
     def _plan(self) -> None:
