@@ -146,7 +146,8 @@ def test_head_aware_steps_its_local_windows_as_one_set(tmp_path):
                     for layer in cache.layers:  # the set's float32 sink copies are counted beside the bytes held
                         own = sum(seg.reserved_nbytes() for seg in layer.segments)
                         rings = layer._rings  # and the next steps' slots and rotated sinks
-                        assert layer.reserved_nbytes() == own + rings._prepared.nbytes + rings._slots.nbytes + rings._rotated.nbytes > own
+                        planned = rings._prepared.nbytes + rings._slots.nbytes + rings._rotated.nbytes
+                        assert layer.reserved_nbytes() == own + planned > own
             out.append(model(ids[:, 56:60], past_key_values=cache).logits)
             assert all(layer._rings is None for layer in cache.layers)
             out.append(model(ids[:, 59:60], past_key_values=cache).logits)

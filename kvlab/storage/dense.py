@@ -26,6 +26,7 @@ from kvlab.storage.inplace import PER_TOKEN, InPlaceSteps
 from kvlab.storage.plan import Group
 from kvlab.storage.rope import Rotary
 
+
 class Segment(InPlaceSteps, FramePositions):
     """The kept tokens of one :class:`~kvlab.storage.plan.Group` of KV heads, dense."""
 
@@ -250,7 +251,6 @@ class Segment(InPlaceSteps, FramePositions):
             if t is not None:
                 kept = gather_tokens(t, keep)
                 setattr(self, name, torch.cat((kept, new[name]), dim=2) if name in new else kept)
-
 
 
 def _ones_like(valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
