@@ -1,0 +1,40 @@
+"""The decode benchmark's table: its ratios are computed from the rows (bench/bench_decode.py), never typed in."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _bench_decode():
+    sys.path.insert(0, str(BENCH))  # it imports its neighbour timing.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_decode", BENCH / "bench_decode.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def _row(impl: str, context: int, step_ms: float) -> dict:
+    return {"impl": impl, "context": context, "prefill_s": 1.0, "step_ms": step_ms, "update_share": 0.0,
+            "torch_calls": 1, "kv_mib": 1.0}
+
+
+def test_each_step_is_compared_with_the_full_caches_and_streamingllms_of_its_own_context():
+    table = _bench_decode().table([
+        _row("sdpa", 4096, 66.0), _row("full", 4096, 60.0), _row("streaming:sinks=4,window=1020", 4096, 40.0),
+        _row("head-aware:budget=1024,profile=/tmp/p.json", 4096, 44.0), _row("full", 16384, 150.0),
+        _row("h2o:budget=1024,recent=256", 16384, 50.0)])
+    lines = {(line.split(" | ")[0][2:], line.split(" | ")[1]): line.split(" | ") for line in table.splitlines()[2:]}
+    sdpa, full, stream, ha = (lines[("4096", name)] for name in (
+        "transformers (DynamicCache, sdpa)", "`full`", "`streaming:sinks=4,window=1020`", "`head-aware:budget=1024`"))
+    assert full[4:7] == ["1.00x", "1.10x", "1.50"]  # vs full, vs sdpa, step / StreamingLLM's
+    assert stream[4:7] == ["1.50x", "1.65x", "1.00"]
+    assert ha[4:7] == ["1.36x", "1.50x", "1.10"]  # the profile's path is left out of the name
+    assert sdpa[4:7] == ["0.91x", "1.00x", "1.65"]
+    assert lines[("16384", "`h2o:budget=1024,recent=256`")][4:7] == ["3.00x", "n/a", "n/a"]  # no StreamingLLM at 16k
