@@ -116,16 +116,17 @@ def test_a_segment_stepping_alone_breaks_the_set():
     assert not rings.intact()
 
 
-def test_head_aware_steps_its_local_windows_as_one_set(tmp_path):
-    """Head-aware's local heads of a layer each have their own window; with enough of them (a layer of 4 KV
-    heads) their decode steps go as one set and the logits are those of stepping every group alone, bit for
-    bit; a chunk drops the sets."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_aware_steps_its_local_windows_as_one_set(tmp_path, dtype):
+    """Head-aware's local heads of a layer each have their own window; their decode steps go as one set (36
+    steps: the set plans its steps again and again) and the logits are those of stepping every group alone, bit
+    for bit, in float32 and bf16; a chunk drops the sets."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                          intermediate_size=128, vocab_size=256, max_position_embeddings=1024)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     path = round_robin_profile(model, tmp_path, classes=lambda layer, head: "local",
                                locality=lambda layer, head: 0.1 + 0.2 * head)
     spec = f"head-aware:budget=10,profile={path},sinks=2,recent=2"
