@@ -44,4 +44,5 @@ class KNorm(Method):
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
         """``(B, h, n)`` scores from the kept keys alone, as stored (the one thing a key-only variant overrides)."""
-        return -seg.stored()[0].float().norm(dim=-1)
+        # norms summed in float32 as the keys are read: no float32 copy of a low-precision cache (the same bits)
+        return -torch.linalg.vector_norm(seg.stored()[0], dim=-1, dtype=torch.float32)
