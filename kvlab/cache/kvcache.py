@@ -75,10 +75,9 @@ class KVLayer(CacheLayerMixin):
             self._qidx.append((heads[0] * g, len(heads) * g) if contiguous else
                               (seg.heads[:, None] * g + torch.arange(g, device=self.device)).flatten())
             self._kidx.append((heads[0], len(heads)) if contiguous else None)
-        starts = [q[0] if isinstance(q, tuple) else -1 for q in self._qidx]
-        sizes = [q[1] if isinstance(q, tuple) else 0 for q in self._qidx]
-        # the segments' query heads follow each other in order
-        self._in_order = starts == [sum(sizes[:i]) for i in range(len(sizes))]
+        # the segments' query heads follow each other in order: the segments are sorted by their first KV head and
+        # cover each head once, so that holds exactly when every segment's heads are contiguous
+        self._in_order = all(k is not None for k in self._kidx)
         self._ringable = RingSet.possible(self.segments)
         self.is_initialized = True
 
