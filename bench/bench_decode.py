@@ -29,15 +29,18 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from timing import CountCalls, Inside, run_meta, write
+from timing import CountCalls, Inside, positive_ints, run_meta, write
 from transformers import DynamicCache
 
 import kvlab
 from kvlab.data import load_text, tokenize
+from kvlab.errors import KvlabError
+from kvlab.methods import build
 from kvlab.spec import without_profile
 from kvlab.storage import RingSet
 from kvlab.storage.dense import Segment
@@ -131,7 +134,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--contexts", default="1024,4096,16384")
+    p.add_argument("--contexts", default="1024,4096,16384", type=positive_ints, help="e.g. 1024,4096,16384")
     p.add_argument("--methods", default=METHODS, help="';'-separated: sdpa and kvlab specs ({p}: --profile)")
     p.add_argument("--profile", default="",
                    help="head profile of the model (head-aware, haq); without it they are skipped")
@@ -141,14 +144,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=OUT / "decode", help="output stem (.json and .md are added)")
     args = p.parse_args()
+    if args.rounds < 1 or args.warmup < 0 or args.chunk < 1 or args.threads < 0 or min(args.contexts) < 2:
+        p.error("--rounds and --chunk must be positive, --warmup and --threads not negative, every context 2 or more")
+    specs = [s.format(p=args.profile) for s in args.methods.split(";") if args.profile or "{p}" not in s]
+    try:  # a wrong spec or profile path: one line before the model loads
+        for spec in specs:
+            if spec != "sdpa":
+                build(spec)
+        if args.profile and not Path(args.profile).is_file():
+            raise KvlabError(f"no head profile at '{args.profile}' (kvlab heads profile makes one)")
+    except KvlabError as exc:
+        p.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = [s.format(p=args.profile) for s in args.methods.split(";") if args.profile or "{p}" not in s]
     model, tok = kvlab.load(args.model)
     plain = copy.deepcopy(model)
     plain.set_attn_implementation("sdpa")
     meta = run_meta(model, args)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = args.contexts
     ids_all = tokenize(tok, load_text("pydoc"), max(contexts)).to(model.device)
     rows = []
     for ctx in contexts:
@@ -162,4 +175,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KvlabError as exc:  # what only the model or its profile can say (a budget too small for its heads)
+        print(f"bench_decode.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)

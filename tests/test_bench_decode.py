@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -38,3 +41,15 @@ def test_each_step_is_compared_with_the_full_caches_and_streamingllms_of_its_own
     assert ha[4:7] == ["1.36x", "1.50x", "1.10"]  # the profile's path is left out of the name
     assert sdpa[4:7] == ["0.91x", "1.00x", "1.65"]
     assert lines[("16384", "`h2o:budget=1024,recent=256`")][4:7] == ["3.00x", "n/a", "n/a"]  # no StreamingLLM at 16k
+
+
+@pytest.mark.parametrize("args, says", [(["--methods", "full;nosuch:budget=1"], "unknown method 'nosuch'"),
+                                        (["--contexts", "4096,abc"], "--contexts"),
+                                        (["--rounds", "0"], "--rounds"),
+                                        (["--profile", "/no/such/p.json"], "no head profile")])
+def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path, args, says):
+    run = subprocess.run([sys.executable, str(BENCH / "bench_decode.py"), *args, "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert says in run.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())  # nothing written
