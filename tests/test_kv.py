@@ -282,6 +282,8 @@ def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
     for slotted, copied in zip(caches[0].layers[1].segments, caches[1].layers[1].segments):
         assert slotted._scrambled  # the slots were really used
         assert slotted.time_index is not None and copied.time_index is None
+        # the time order carried along by the slot steps (for the scorers that read it) is the sort of the positions
+        assert torch.equal(slotted.time_index, slotted._pos.argsort(dim=-1))
         values = slotted.values  # read in time order (the slots are sorted back by true position)
         assert torch.equal(slotted.age, copied.age)  # the same tokens kept
         assert torch.allclose(values, copied.values, atol=1e-5)

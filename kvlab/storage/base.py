@@ -111,16 +111,12 @@ def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
     return idx.sort(dim=-1).values
 
 
-def left_out(score: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+def left_out(score: torch.Tensor) -> torch.Tensor:
     """``(B, h, 1)``: the index of the one token that the top ``n - 1`` of ``score (B, h, n)`` leave out (what a
-    top-k eviction of one token drops, ties included: :func:`keep_indices` keeps the others); with ``perm (B, h, n)``
-    (the stored slots in time order) the scores are ranked in time order and the slot of the token left out is
-    returned."""
-    s = score if perm is None else score.gather(-1, perm)
-    n = s.shape[-1]
-    kept = s.topk(n - 1, dim=-1, sorted=False).indices  # n - 1 distinct indices: the missing one is what they leave
-    out = n * (n - 1) // 2 - kept.sum(dim=-1, keepdim=True)  # out of the sum of 0..n-1 (exact integers)
-    return out if perm is None else perm.gather(-1, out)
+    top-k eviction of one token drops, ties included: :func:`keep_indices` keeps the others)."""
+    n = score.shape[-1]
+    kept = score.topk(n - 1, dim=-1, sorted=False).indices  # n - 1 distinct indices: the missing one is what they leave
+    return n * (n - 1) // 2 - kept.sum(dim=-1, keepdim=True)  # out of the sum of 0..n-1 (exact integers)
 
 
 def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

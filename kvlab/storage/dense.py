@@ -58,7 +58,8 @@ class Segment(InPlaceSteps, FramePositions):
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
         self._scrambled = False  # slot writes broke time order (the true positions in _pos restore it)
-        self._time: tuple[torch.Tensor, int, torch.Tensor] | None = None  # time_index's last sort, with its _pos
+        self._time: tuple[torch.Tensor, int, torch.Tensor] | None = None  # time_index, with the _pos state it orders
+        self._index: torch.Tensor | None = None  # (n - 1,) arange, for the time order after a slot step
         self._room: dict[str, torch.Tensor] = {}  # buffers with spare room behind _k and _v (see inplace.py)
 
     # -- state ---------------------------------------------------------------------------

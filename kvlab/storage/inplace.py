@@ -88,15 +88,25 @@ class InPlaceSteps:
 
     @property
     def time_index(self) -> torch.Tensor | None:
-        """None in time order; after slot writes, the slots sorted by true position ``(B, h, n)`` (sorted once per
-        state of ``_pos``: a step's scorer and its victim's choice share it)."""
+        """None in time order; after slot writes, the slots sorted by true position ``(B, h, n)``: sorted when first
+        asked for, then carried along by each slot step (which moves one slot to the end), so a scorer that reads
+        it at every step never sorts again."""
         if not self._scrambled:
             return None
         pos, version, index = self._time or (None, -1, None)
-        if pos is not self._pos or version != self._pos._version:  # _pos replaced, or written in place
+        if pos is not self._pos or version != self._pos._version:  # _pos replaced, or written in place since
             index = self._pos.argsort(dim=-1)
             self._time = (self._pos, self._pos._version, index)
         return index
+
+    def _later(self, order: torch.Tensor, gone: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The time order ``(B, h, n)`` after a slot step: ``order`` without its entry at index ``gone (B, h, 1)``
+        (the evicted token), then ``slot (B, h, 1)``, which now holds the newest token. Three kernels, no sort and no
+        read from the device."""
+        n = order.shape[-1]
+        if self._index is None or self._index.shape[0] != n - 1 or self._index.device != order.device:
+            self._index = torch.arange(n - 1, device=order.device)
+        return torch.cat((torch.where(self._index < gone, order[..., :-1], order[..., 1:]), slot), dim=-1)
 
     def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Keys, values and validity as stored (a turned ring, slot writes): for attention without a mask and for
@@ -127,8 +137,11 @@ class InPlaceSteps:
         self._settle()
         b, h, _, d = self._k.shape
         score = self.group.scorer.score(self).expand(b, h, n)
-        if getattr(self.group.scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's
-            victim = left_out(score, self.time_index)  # (B, h, 1)
+        order = None
+        if getattr(self.group.scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's:
+            order = self.time_index  # rank in time order, as the copying eviction does
+            gone = left_out(score if order is None else score.gather(-1, order))  # (B, h, 1), its index in time order
+            victim = gone if order is None else order.gather(-1, gone)  # its slot
         else:
             victim = score.argmin(dim=-1, keepdim=True)
         slot = victim[..., None].expand(b, h, 1, d)
@@ -137,6 +150,8 @@ class InPlaceSteps:
         if self.scores is not None:
             self.scores.scatter_(2, victim, 0.0)
         self._pos.scatter_(2, victim, self.seen)
+        if order is not None:  # the victim's slot now holds the newest token; the other slots keep their order
+            self._time = (self._pos, self._pos._version, self._later(order, gone, victim))
         self.seen += 1
         self._scrambled = True
         return True
