@@ -26,7 +26,7 @@ PREFILL, STEPS = 20, 32
 NOT_KERNELS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
 # operations kvlab issues per layer per decode step, at the TIGHT specs (full, quant: lossless)
 # (snapkv, pyramidkv, adakv, knorm: +2 a step since a slot step carries the time order along in three kernels
-# instead of sorting the positions again, one operation here but a sort: 4-5% less time per step on SmolLM2, in
+# instead of sorting the positions again, one operation here but a sort: 1-3% less time per step on SmolLM2, in
 # docs/BENCHMARKS.md under "Slot steps carry the time order along")
 CEILING = {"full": 4.4, "quant": 50.0, "streaming": 7.7, "h2o": 18.3, "head-aware": 31.4, "haq": 245.3,
            "snapkv": 28.2, "pyramidkv": 28.2, "tova": 14.1, "adakv": 57.2, "knorm": 18.8, "keydiff": 31.7,
