@@ -9,7 +9,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Group
-from kvlab.storage import Rotary, keep_indices
+from kvlab.storage import Rotary, in_time, keep_indices
 from kvlab.storage.attention import MASK_BYTES, attend, block_mask, block_rows
 from kvlab.storage.dense import Segment
 from kvlab.methods.h2o import H2O
@@ -284,6 +284,9 @@ def test_slot_writes_keep_what_copying_keeps(tiny_llama, spec):
         assert slotted.time_index is not None and copied.time_index is None
         # the time order carried along by the slot steps (for the scorers that read it) is the sort of the positions
         assert torch.equal(slotted.time_index, slotted._pos.argsort(dim=-1))
+        # what a slot step ranks: the scores in time order, which pooling scorers compute as such
+        scorer = slotted.group.scorer
+        assert torch.equal(scorer.score_in_time(slotted), in_time(slotted, scorer.score(slotted)))
         values = slotted.values  # read in time order (the slots are sorted back by true position)
         assert torch.equal(slotted.age, copied.age)  # the same tokens kept
         assert torch.allclose(values, copied.values, atol=1e-5)

@@ -62,6 +62,9 @@ class AdaKV(Method):
     def score(self, seg: Storage) -> torch.Tensor:
         return snap_scores(seg, self.window, self.kernel)
 
+    def score_in_time(self, seg: Storage) -> torch.Tensor:
+        return snap_scores(seg, self.window, self.kernel, time_order=True)
+
     def allocate(self, layer: LayerInfo, segments: Sequence[Storage]) -> list[int] | None:
         """Budgets of the layer's one-head groups, from their scores just before the first eviction."""
         scores = torch.stack([self.score(seg).mean(dim=0)[0] for seg in segments])  # (heads, n)

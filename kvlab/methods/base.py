@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from kvlab.errors import KvlabError
-from kvlab.storage import Group, LayerInfo, Storage
+from kvlab.storage import Group, LayerInfo, Storage, in_time
 
 __all__ = ["Group", "LayerInfo", "Method", "positive"]
 
@@ -60,6 +60,12 @@ class Method:
         batch row is never kept, whatever its score; ``seg.order`` numbers a row's real tokens. The result may
         be ``seg.scores`` itself: callers read it and never write it."""
         raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
+
+    def score_in_time(self, seg: Storage) -> torch.Tensor:
+        """:meth:`score` in time order ``(B, h, n)``, for a storage without padding: what a decode step that writes in
+        the evicted slot ranks when the scores have ``ties``. Default: :meth:`score`, sorted into time order. Override
+        it only where time order comes cheaper (max-pooling works in time order)."""
+        return in_time(seg, self.score(seg))
 
     def runs(self, n: int) -> list[tuple[int, int]] | None:
         """Optional fast path for positional methods: the ``(start, stop)`` runs of the ``n`` cached

@@ -8,7 +8,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method, positive
-from kvlab.storage import Storage, pool_max
+from kvlab.storage import Storage, force_newest, in_time, pool_max
 
 
 def check_window(budget: int, window: int, kernel: int) -> None:
@@ -21,13 +21,16 @@ def check_window(budget: int, window: int, kernel: int) -> None:
         raise KvlabError(f"kernel must be an odd number of tokens (1 = no pooling), got {kernel!r}")
 
 
-def snap_scores(seg: Storage, window: int, kernel: int) -> torch.Tensor:
+def snap_scores(seg: Storage, window: int, kernel: int, time_order: bool = False) -> torch.Tensor:
     """``(B, h, n)``: attention from the observation window, max-pooled over ``kernel`` neighbours in time, the
-    ``window`` newest tokens forced in (``inf``), whatever order the kept tokens are stored in."""
+    ``window`` newest tokens forced in (``inf``), whatever order the kept tokens are stored in; in that order, or
+    in time order (``time_order``, no padding: :meth:`~kvlab.methods.base.Method.score_in_time`)."""
     s = seg.scores  # (B, h, n): mean over the KV head's query heads, summed over the window's queries
     if kernel > 1:  # padding scores -inf in the storage and never wins the max
-        s = pool_max(seg, s, kernel)
-    return s.masked_fill(seg.age < window, float("inf"))
+        s = pool_max(seg, s, kernel, time_order=time_order)
+    elif time_order:
+        s = in_time(seg, s)
+    return force_newest(s, seg, window, time_order)
 
 
 @dataclass
@@ -70,3 +73,6 @@ class SnapKV(Method):
 
     def score(self, seg: Storage) -> torch.Tensor:
         return snap_scores(seg, self.window, self.kernel)
+
+    def score_in_time(self, seg: Storage) -> torch.Tensor:
+        return snap_scores(seg, self.window, self.kernel, time_order=True)

@@ -7,7 +7,7 @@
 the decode steps of several dense rings of a layer taken as one.
 """
 
-from kvlab.storage.base import Storage, keep_indices, pool_max
+from kvlab.storage.base import Storage, force_newest, in_time, keep_indices, pool_max
 from kvlab.storage.dense import Segment
 from kvlab.storage.plan import (GROUP_SIZE, RESIDUAL, ROPE, WIDTHS, Group, LayerInfo, QuantGroup, RecentWindow, Scorer,
                                 check_rope)
@@ -18,7 +18,7 @@ from kvlab.storage.rows import RowSplit
 
 __all__ = ["GROUP_SIZE", "RESIDUAL", "ROPE", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment",
            "RecentWindow", "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "check_rope",
-           "keep_indices", "make_segment", "pool_max"]
+           "force_newest", "in_time", "keep_indices", "make_segment", "pool_max"]
 
 
 def make_segment(group: Group, rotary: Rotary | None) -> Storage:

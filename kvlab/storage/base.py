@@ -131,14 +131,34 @@ def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return t.view(b * h * n, *t.shape[3:]).index_select(0, rows).view(b, h, -1, *t.shape[3:])
 
 
-def pool_max(seg: Storage, scores: torch.Tensor, kernel: int) -> torch.Tensor:
+def pool_max(seg: Storage, scores: torch.Tensor, kernel: int, time_order: bool = False) -> torch.Tensor:
     """``scores (B, h, n)`` of ``seg``'s kept tokens, each replaced by the largest within ``kernel`` (odd) tokens
     centred on it in time order (max-pooling; padding's ``-inf`` never wins), whatever order the tokens are
-    stored in (:attr:`Storage.time_index`)."""
+    stored in (:attr:`Storage.time_index`): returned in the stored order, or in time order (``time_order``), where
+    they were pooled."""
     perm = seg.time_index
     s = scores if perm is None else scores.gather(-1, perm)
     s = F.max_pool1d(s.flatten(0, -2)[:, None], kernel, stride=1, padding=kernel // 2).view_as(s)
-    return s if perm is None else torch.empty_like(s).scatter_(-1, perm, s)
+    return s if perm is None or time_order else torch.empty_like(s).scatter_(-1, perm, s)
+
+
+def in_time(seg: Storage, scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` of ``seg``'s kept tokens (``(n,)`` or ``(B, h, n)``, in the stored order) in time order: ``(B, h, n)``
+    sorted by :attr:`Storage.time_index`, or ``scores`` itself where the tokens are stored in time order."""
+    perm = seg.time_index
+    return scores if perm is None else scores.expand_as(perm).gather(-1, perm)
+
+
+def force_newest(scores: torch.Tensor, seg: Storage, newest: int, time_order: bool) -> torch.Tensor:
+    """``scores (B, h, n)`` with the ``newest`` most recent kept tokens set to ``inf`` (always kept). ``time_order``: the
+    scores are in time order and ``seg`` holds no padding, so those tokens are the last ``newest``: one fill in place
+    (``seg.scores`` itself is copied first), no ages read. That holds where they were forced at every eviction before
+    (ages only grow, so the ``newest`` most recent tokens were always among those forced). Else a new tensor."""
+    if not time_order:
+        return scores.masked_fill(seg.age < newest, float("inf"))
+    out = scores.clone() if scores is seg.scores else scores  # never write the storage's own scores
+    out[..., max(0, out.shape[-1] - newest):] = float("inf")
+    return out
 
 
 def order(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

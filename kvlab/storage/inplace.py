@@ -136,14 +136,13 @@ class InPlaceSteps:
             return False
         self._settle()
         b, h, _, d = self._k.shape
-        score = self.group.scorer.score(self).expand(b, h, n)
-        order = None
-        if getattr(self.group.scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's:
+        scorer, order = self.group.scorer, None
+        if getattr(scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's:
             order = self.time_index  # rank in time order, as the copying eviction does
-            gone = left_out(score if order is None else score.gather(-1, order))  # (B, h, 1), its index in time order
+            gone = left_out(scorer.score_in_time(self).expand(b, h, n))  # (B, h, 1), its index in time order
             victim = gone if order is None else order.gather(-1, gone)  # its slot
         else:
-            victim = score.argmin(dim=-1, keepdim=True)
+            victim = scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)
         slot = victim[..., None].expand(b, h, 1, d)
         self._k.scatter_(2, slot, key)
         self._v.scatter_(2, slot, value)

@@ -53,6 +53,11 @@ class Scorer(Protocol):
         """``(n,)`` or ``(batch, heads, n)`` scores of the kept tokens; the highest are kept."""
         ...
 
+    def score_in_time(self, seg: Storage) -> torch.Tensor:
+        """:meth:`score` of a storage without padding, in time order (``seg.time_index``'s): what a slot step
+        ranks when the scorer has ``ties``. Asked only of ``order_free`` scorers."""
+        ...
+
     def runs(self, n: int) -> list[tuple[int, int]] | None:
         """The ``(start, stop)`` runs of ``n`` tokens to keep (positional methods), or None to score."""
         ...
