@@ -146,8 +146,8 @@ class InPlaceSteps:
         slot = victim[..., None].expand(b, h, 1, d)
         self._k.scatter_(2, slot, key)
         self._v.scatter_(2, slot, value)
-        if self.scores is not None:
-            self.scores.scatter_(2, victim, 0.0)
+        if self.scores is not None and self.observed is None:  # accumulated scores: the newest token's starts at 0
+            self.scores.scatter_(2, victim, 0.0)  # (observed scores are replaced whole by the attention that follows)
         self._pos.scatter_(2, victim, self.seen)
         if order is not None:  # the victim's slot now holds the newest token; the other slots keep their order
             self._time = (self._pos, self._pos._version, self._later(order, gone, victim))
