@@ -28,19 +28,18 @@ class KeyDiff(KNorm):
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
         keys, _, valid = seg.stored()
-        k = F.normalize(keys.float(), dim=-1)  # (B, h, n, D)
+        k = F.normalize(keys.float(), dim=-1)  # (B, h, n, D): a new tensor, turned into the scores in place below
         if valid is None:
             anchor = k.mean(2, keepdim=True)  # (B, h, 1, D)
         else:
             real = valid.to(k.dtype)[..., None]  # (B, h, n, 1), padding 0
             anchor = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1)
-        return -_cosine(k, anchor)  # (B, h, n)
+        # -F.cosine_similarity(k, anchor, dim=-1), the same bits: it divides both by their norms, multiplies and
+        # sums; but it broadcasts the anchor to k's shape first (so normalizes it once per token), and writes each
+        # step to a new (B, h, n, D) tensor, which leaves the CPU's caches. Here the anchor once, k in place.
+        return _unit_(k).mul_(_unit_(anchor)).sum(-1).neg_()  # (B, h, n)
 
 
-def _cosine(x: torch.Tensor, anchor: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``F.cosine_similarity(x, anchor, dim=-1)`` of ``x (B, h, n, D)`` and ``anchor (B, h, 1, D)``, the same bits from
-    fewer passes over ``x``: it broadcasts the anchor to ``x``'s shape first, so it normalizes the anchor once per
-    token; here once."""
-    def unit(t: torch.Tensor) -> torch.Tensor:
-        return t / torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min(eps)
-    return (unit(x) * unit(anchor)).sum(-1)
+def _unit_(t: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``t (..., D)`` divided in place by its norms along the last axis, clamped at ``eps`` (cosine_similarity's)."""
+    return t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min_(eps))
