@@ -307,6 +307,44 @@ def test_slot_writes_keep_what_copying_keeps_in_bf16(tiny_llama, spec):
         assert torch.equal(kept, copied.age.expand_as(kept).sort(-1).values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3", "h2o:budget=8,recent=3,pool=3", "tova:budget=8",
+                                  "snapkv:budget=8,window=3,kernel=3", "adakv:budget=8,window=2,kernel=3",
+                                  "knorm:budget=8", "keydiff:budget=8"])
+def test_slot_writes_in_a_padded_batch_keep_what_copying_keeps(tiny_llama, spec, dtype):
+    """A left-padded batch (rows of 30, 12 and 5 tokens) decoding 24 steps: slot steps write over a row's padding
+    while it holds some (the row grows), then over its lowest token, and keep the very tokens the copying steps
+    keep; attention never reads the padding left in the slots."""
+    from kvlab.cache import make_cache
+
+    model = copy.deepcopy(tiny_llama).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 256, (3, 30), generator=g)
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, :18], mask[2, :25] = 0, 0
+    steps = torch.randint(1, 256, (3, 24), generator=g)
+    caches, logits = [], []
+    for slots in (True, False):
+        cache = make_cache(model, spec)
+        with torch.no_grad():
+            out = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]]
+            m = mask
+            for t in range(steps.shape[1]):
+                m = torch.cat((m, torch.ones(3, 1, dtype=torch.long)), 1)
+                for layer in cache.layers:
+                    for seg in layer.segments:
+                        seg.slots = slots and seg.slots
+                out.append(model(steps[:, t:t + 1], attention_mask=m, past_key_values=cache).logits)
+        caches.append(cache)
+        logits.append(torch.cat(out, 1).float())
+    assert (logits[0] - logits[1]).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+    for slotted, copied in zip(caches[0].layers[1].segments, caches[1].layers[1].segments):
+        assert slotted._scrambled and slotted._valid is not None  # slot steps ran in the padded batch
+        assert torch.equal(slotted.time_index, slotted._time_key().argsort(dim=-1))  # the carried order
+        kept = [seg._time_key().sort(-1).values for seg in (slotted, copied)]  # real positions, padding as -1
+        assert torch.equal(*kept)  # the same real tokens kept, per row and head
+
+
 def test_growing_keys_and_values_append_into_spare_room_and_release_it_on_eviction():
     """A segment that only grows writes each step into room behind its keys (no copy of the cache), holds
     exactly what concatenation would hold, reserves at most an eighth plus ROOM tokens, and frees it on eviction."""

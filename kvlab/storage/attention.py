@@ -11,6 +11,8 @@ optionally
   (one mask per row, which sdpa shares across heads);
 * ``window``: a sliding window (a query sees keys less than ``window`` tokens back);
 * ``softcap``: Gemma-2's attention logit soft-capping, ``cap * tanh(logits / cap)``;
+* ``own``: the queries' own keys are the last ``q`` (True, the default: a padding query then attends to itself);
+  False: they are stored elsewhere (slot steps in a padded batch), and every query is a real token;
 * ``need_probs``: also return the attention probability each key received ``(B, h, n)`` float32 (mean
   over a KV head's ``g`` query heads, summed over the queries; or over the last ``observed`` queries, whose
   probabilities are then the only ones computed: the outputs take the plain path).
@@ -44,7 +46,8 @@ def block_rows(batch_heads: int, n: int, limit: int = BLOCK_BYTES, itemsize: int
 
 
 def block_mask(start: int, stop: int, q: int, n: int, *, visible: int = 0, window: int | None = None,
-               valid: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+               valid: torch.Tensor | None = None, own: bool = True, device: torch.device | str = "cpu"
+               ) -> torch.Tensor:
     """``(b, n)`` bool (True = attend) for queries ``start..stop-1`` of the ``q`` newest; with ``valid (B, h, n)``
     (or ``(B, 1, n)``), ``(B, h, b, n)`` (or ``(B, 1, b, n)``).
 
@@ -58,13 +61,15 @@ def block_mask(start: int, stop: int, q: int, n: int, *, visible: int = 0, windo
     if visible:
         mask = mask | (kidx < visible)
     if valid is not None:
-        mask = (mask & valid[:, :, None, :]) | (kidx == qidx)  # (B, h, b, n); padding attends itself
+        mask = mask & valid[:, :, None, :]  # (B, h, b, n)
+        if own:  # padding attends itself
+            mask = mask | (kidx == qidx)
     return mask
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, scaling: float, visible: int = 0,
            valid: torch.Tensor | None = None, window: int | None = None, softcap: float | None = None,
-           need_probs: bool = False, observed: int | None = None, block: int | None = None,
+           need_probs: bool = False, observed: int | None = None, block: int | None = None, own: bool = True,
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention output ``(B, h*g, q, D)`` and, with ``need_probs``, the probability received by each key
     ``(B, h, n)`` float32 (see the module docstring for the arguments)."""
@@ -73,7 +78,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
     g = hq // h
     if need_probs and observed is not None and q > observed:  # the scorer reads only the last queries' attention:
         # every output by the plain path, then those queries again for their probabilities (as kvpress's presses do)
-        kw = dict(scaling=scaling, visible=visible, valid=valid, window=window, softcap=softcap, block=block)
+        kw = dict(scaling=scaling, visible=visible, valid=valid, window=window, softcap=softcap, block=block, own=own)
         return attend(query, keys, values, **kw)[0], attend(query[:, :, q - observed:], keys, values, **kw,
                                                             need_probs=True)[1]
     plain = softcap is None and not need_probs
@@ -98,7 +103,7 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         stop = min(q, start + rows)
         block = query if one else query[:, :, start:stop]
         mask = None if unmasked else block_mask(start, stop, q, n, visible=visible, window=window, valid=valid,
-                                                device=query.device)
+                                                own=own, device=query.device)
         if plain:
             m = mask if shared else mask[:, :, None].expand(b, h, g, *mask.shape[-2:]).flatten(1, 2)
             res = F.scaled_dot_product_attention(block, keys, values, attn_mask=m, scale=scaling, enable_gqa=g > 1)

@@ -147,8 +147,8 @@ class Segment(InPlaceSteps, FramePositions):
         b, h, q, _ = key_states.shape
         if valid is not None and self._valid is None:
             self._start_padding(b, h, key_states.device)
-        if q == 1 and self._valid is None and (self._turn(key_states, value_states) or self._slot(key_states,
-                                                                                                  value_states)):
+        if q == 1 and valid is None and ((self._valid is None and self._turn(key_states, value_states))
+                                         or self._slot(key_states, value_states)):
             return
         self._unroll()
         new = {"_k": key_states, "_v": value_states}
@@ -193,7 +193,7 @@ class Segment(InPlaceSteps, FramePositions):
             visible = pk.shape[2]
         out, received = attend(query, keys, values, scaling=scaling, visible=visible, valid=valid, window=window,
                                softcap=softcap, need_probs=self.needs_scores or _needs(prefix),
-                               observed=self.observed)
+                               observed=self.observed, own=not self._scrambled)
         if received is not None:
             if prefix is not None:
                 prefix.receive(received[:, :, :visible])

@@ -9,7 +9,8 @@ Slots. A scorer whose scores do not depend on the order the kept tokens are stor
 TOVA, SnapKV and its kin, KNorm, KeyDiff) does the same at any slot: the new token takes the place of the
 lowest-scoring one, found by one ``argmin``, and each kept token's true position (``_pos``) says its age; a
 scorer that pools over time neighbours reads them through :attr:`Segment.time_index` (a sort of ``n``
-positions, not a copy of the cache).
+positions, not a copy of the cache). In a padded batch padding scores ``-inf``, as in the copying eviction, so a
+row that still holds padding writes the new token over it; attention masks the padding left in the slots.
 
 Room to grow. A segment that only grows (the full cache, any method while it fills its budget) appends
 its keys and values into spare room at the end of a larger buffer instead of concatenating, which
@@ -88,16 +89,21 @@ class InPlaceSteps:
 
     @property
     def time_index(self) -> torch.Tensor | None:
-        """None in time order; after slot writes, the slots sorted by true position ``(B, h, n)``: sorted when first
-        asked for, then carried along by each slot step (which moves one slot to the end), so a scorer that reads
-        it at every step never sorts again."""
+        """None in time order; after slot writes, the slots sorted by true position, padding first ``(B, h, n)``:
+        sorted when first asked for, then carried along by each slot step (which moves one slot to the end), so a
+        scorer that reads it at every step never sorts again."""
         if not self._scrambled:
             return None
         pos, version, index = self._time or (None, -1, None)
         if pos is not self._pos or version != self._pos._version:  # _pos replaced, or written in place since
-            index = self._pos.argsort(dim=-1)
+            index = self._time_key().argsort(dim=-1, stable=True)
             self._time = (self._pos, self._pos._version, index)
         return index
+
+    def _time_key(self) -> torch.Tensor:
+        """``(B, h, n)``: what sorts the slots into time order: the true positions, padding first (-1), as a
+        padded row's tokens are stored by the copying steps."""
+        return self._pos if self._valid is None else self._pos.masked_fill(~self._valid, -1)
 
     def _later(self, order: torch.Tensor, gone: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The time order ``(B, h, n)`` after a slot step: ``order`` without its entry at index ``gone (B, h, 1)``
@@ -128,27 +134,46 @@ class InPlaceSteps:
         return self._k is keys and self._v is values and self._pos is pos and self._valid is None
 
     def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """The slot step of an order-free scorer: when one new token evicts one kept token, write it in the
-        lowest-scoring token's slot (per row and head; for a scorer with ties, the token the copying eviction
-        leaves out). False (nothing done) in any other case."""
+        """The slot step of an order-free scorer: when one new token (a real one in every row) evicts one kept
+        token, write it in the lowest-scoring token's slot (per row and head; for a scorer with ties, the token the
+        copying eviction leaves out). In a padded batch padding scores ``-inf``, as in the copying eviction: a row
+        that still holds padding writes over it (and grows by one real token). False (nothing done) in any other
+        case."""
         budget, n = self.group.budget, self.length
         if not self.slots or budget is None or n != budget + 1:
             return False
         self._settle()
         b, h, _, d = self._k.shape
-        scorer, order = self.group.scorer, None
+        scorer, order, valid = self.group.scorer, None, self._valid
+        shared = False  # every head of a row scores alike (their slots of padding stay alike)
         if getattr(scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's:
-            order = self.time_index  # rank in time order, as the copying eviction does
-            gone = left_out(scorer.score_in_time(self).expand(b, h, n))  # (B, h, 1), its index in time order
+            # rank in time order, as the copying eviction does. In a padded batch, from a sort that puts padding
+            # first (a right-padded row's copying steps keep it last: the same ranks, since padding scores -inf and
+            # its attention, 0, never raises a max-pool of attention)
+            self._scrambled = self._scrambled or valid is not None  # so time_index sorts the slots
+            order = self.time_index
+            score = scorer.score_in_time(self).expand(b, h, n)
+            if valid is not None:
+                score = score.masked_fill(~(valid if order is None else valid.gather(-1, order)), -torch.inf)
+            gone = left_out(score)  # (B, h, 1), its index in time order
             victim = gone if order is None else order.gather(-1, gone)  # its slot
         else:
-            victim = scorer.score(self).expand(b, h, n).argmin(dim=-1, keepdim=True)
+            score = scorer.score(self)
+            shared = score.dim() == 1 or score.shape[1] == 1
+            score = score.expand(b, h, n) if valid is None else score.expand(b, h, n).masked_fill(~valid, -torch.inf)
+            victim = score.argmin(dim=-1, keepdim=True)
         slot = victim[..., None].expand(b, h, 1, d)
         self._k.scatter_(2, slot, key)
         self._v.scatter_(2, slot, value)
         if self.scores is not None and self.observed is None:  # accumulated scores: the newest token's starts at 0
             self.scores.scatter_(2, victim, 0.0)  # (observed scores are replaced whole by the attention that follows)
-        self._pos.scatter_(2, victim, self.seen)
+        if valid is None:
+            self._pos.scatter_(2, victim, self.seen)
+        else:  # positions count a row's real tokens; heads may now hold different slots of padding
+            self._pos.scatter_(2, victim, self._real.expand(b, h, 1))
+            valid.scatter_(2, victim, True)
+            self._real = self._real + 1
+            self._rows_valid &= h == 1 or shared
         if order is not None:  # the victim's slot now holds the newest token; the other slots keep their order
             self._time = (self._pos, self._pos._version, self._later(order, gone, victim))
         self.seen += 1
@@ -188,7 +213,7 @@ class InPlaceSteps:
         if self._scrambled or self._head:
             self._room.clear()  # the tensors are rebuilt below
         if self._scrambled:
-            idx = self._pos.argsort(dim=-1)  # (B, h, n): true positions are distinct within a row and head
+            idx = self._time_key().argsort(dim=-1, stable=True)  # (B, h, n): real tokens' positions are distinct in a row and head
             for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:
