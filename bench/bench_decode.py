@@ -16,6 +16,8 @@ cache's update (``Segment.push``: scoring, eviction, append; and ``RingSet.step`
 segments take as one), the kept KV bytes, and the number of Python-level torch calls in one decode step (counted
 by a ``TorchFunctionMode``; a launch on a GPU costs several microseconds, so the count should not grow with the
 context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
+``--padded``: a batch of three left-padded prompts instead of one (the context's tokens, its first three quarters
+and its first half), as ``model.generate`` decodes a batch of prompts of different lengths.
 Prints a table and writes bench/results/decode.json and .md (``--out`` another stem).
 
 Targets (issue 12), at 4,096 tokens with budget 1,024, against kvlab ``full``: h2o >= 1.0x, head-aware
@@ -55,17 +57,25 @@ def _model(models: dict, spec: str):
     return models["sdpa" if spec == "sdpa" else "kvlab"]
 
 
-def _step(model, cache, token):
-    logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+def _step(model, cache, token, masks: dict | None = None, spec: str = ""):
+    """One greedy step ``(B, 1)`` -> ``(B, 1)``; with ``masks``, ``masks[spec]`` (the batch's attention mask so far)
+    grows by the new token first."""
+    mask = None
+    if masks is not None:
+        mask = masks[spec] = torch.cat((masks[spec], masks[spec].new_ones(masks[spec].shape[0], 1)), dim=1)
+    logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
     return logits.argmax(-1, keepdim=True)
 
 
 @torch.no_grad()
-def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, warmup: int, chunk: int) -> list[dict]:
+def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, warmup: int, chunk: int,
+                mask: torch.Tensor | None = None) -> list[dict]:
+    """``ids (B, n)``; ``mask (B, n)``: the batch's padding (None: none)."""
     plain = models["sdpa"].config
     fresh = {spec: DynamicCache(config=plain) if spec == "sdpa" else kvlab.make_cache(models["kvlab"], spec)
              for spec in specs}
-    seconds, logits = _prefill(models, fresh, ids, chunk)
+    masks = None if mask is None else dict.fromkeys(specs, mask)
+    seconds, logits = _prefill(models, fresh, ids, chunk, mask)
     caches = {spec: (fresh[spec], seconds[spec]) for spec in specs}
     tokens = {spec: logits[spec].argmax(-1, keepdim=True) for spec in specs}
     times = {s: [] for s in specs}
@@ -76,7 +86,7 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
                 model = _model(models, spec)
                 before = timer.seconds + rings.seconds
                 t = time.perf_counter()
-                tokens[spec] = _step(model, caches[spec][0], tokens[spec])
+                tokens[spec] = _step(model, caches[spec][0], tokens[spec], masks, spec)
                 if r >= warmup:
                     times[spec].append(time.perf_counter() - t)
                     inside[spec].append(timer.seconds + rings.seconds - before)
@@ -84,17 +94,19 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
     for spec in specs:
         model = _model(models, spec)
         with CountCalls() as counter:
-            tokens[spec] = _step(model, caches[spec][0], tokens[spec])
+            tokens[spec] = _step(model, caches[spec][0], tokens[spec], masks, spec)
         cache = caches[spec][0]
         step = statistics.median(times[spec])
-        rows.append({"impl": spec, "context": ids.shape[1], "prefill_s": round(caches[spec][1], 2),
+        rows.append({"impl": spec, "context": ids.shape[1], "batch": ids.shape[0], "padded": mask is not None,
+                     "prefill_s": round(caches[spec][1], 2),
                      "step_ms": round(1000 * step, 2), "tokens_per_s": round(1 / step, 2),
                      "update_share": round(sum(inside[spec]) / sum(times[spec]), 4), "torch_calls": counter.calls,
                      "kv_mib": round((cache.nbytes() if hasattr(cache, "nbytes") else _plain_bytes(cache)) / 2**20, 2)})
     return rows
 
 
-def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int) -> tuple[dict, dict]:
+def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int, mask: torch.Tensor | None = None
+             ) -> tuple[dict, dict]:
     """Prefill every cache ``chunk`` tokens at a time, the implementations taking each chunk in turn (interleaved,
     as the decode rounds are), each forward pass timed alone and computing the last position's logits only
     (``kvlab.stream.feed``'s call). Returns the seconds and the last logits ``(1, vocab)`` per implementation."""
@@ -103,10 +115,23 @@ def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int) -> tuple
         for spec, cache in caches.items():
             model = _model(models, spec)
             t = time.perf_counter()
-            out = model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            seen = None if mask is None else mask[:, :start + chunk]  # the padding of the tokens so far and these
+            out = model(input_ids=ids[:, start:start + chunk], attention_mask=seen, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
             seconds[spec] += time.perf_counter() - t
             logits[spec] = out.logits[:, -1]
     return seconds, logits
+
+
+def _left_padded(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids (n,)`` as three left-padded rows, its first ``n``, ``3n/4`` and ``n/2`` tokens: ``(3, n)`` ids (padding
+    0) and their attention mask."""
+    n = ids.shape[0]
+    rows, mask = torch.zeros(3, n, dtype=ids.dtype, device=ids.device), torch.zeros(3, n, dtype=torch.long,
+                                                                                     device=ids.device)
+    for i, length in enumerate((n, 3 * n // 4, n // 2)):
+        rows[i, n - length:], mask[i, n - length:] = ids[:length], 1
+    return rows, mask
 
 
 def _plain_bytes(cache) -> int:
@@ -142,6 +167,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--padded", action="store_true",
+                   help="a batch of three left-padded prompts (the context, 3/4 and 1/2 of it) instead of one")
     p.add_argument("--out", type=Path, default=OUT / "decode", help="output stem (.json and .md are added)")
     args = p.parse_args()
     if args.rounds < 1 or args.warmup < 0 or args.chunk < 1 or args.threads < 0 or min(args.contexts) < 2:
@@ -165,8 +192,9 @@ def main() -> None:
     ids_all = tokenize(tok, load_text("pydoc"), max(contexts)).to(model.device)
     rows = []
     for ctx in contexts:
-        for row in run_context({"kvlab": model, "sdpa": plain}, ids_all[:, :ctx], specs, args.rounds, args.warmup,
-                               args.chunk):
+        ids, mask = (ids_all[:, :ctx], None) if not args.padded else _left_padded(ids_all[0, :ctx])
+        for row in run_context({"kvlab": model, "sdpa": plain}, ids, specs, args.rounds, args.warmup, args.chunk,
+                               mask):
             rows.append(row)
             print(json.dumps(row), flush=True)
     text = table(rows)
