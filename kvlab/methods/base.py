@@ -62,9 +62,10 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
 
     def score_in_time(self, seg: Storage) -> torch.Tensor:
-        """:meth:`score` in time order ``(B, h, n)``, for a storage without padding: what a decode step that writes in
-        the evicted slot ranks when the scores have ``ties``. Default: :meth:`score`, sorted into time order. Override
-        it only where time order comes cheaper (max-pooling works in time order)."""
+        """:meth:`score` in time order ``(B, h, n)``, padding first (``seg.time_index``'s order; the caller then gives
+        padding ``-inf``): what a decode step that writes in the evicted slot ranks when the scores have ``ties``.
+        Default: :meth:`score`, sorted into time order. Override it only where time order comes cheaper (max-pooling
+        works in time order)."""
         return in_time(seg, self.score(seg))
 
     def runs(self, n: int) -> list[tuple[int, int]] | None:

@@ -24,7 +24,7 @@ def check_window(budget: int, window: int, kernel: int) -> None:
 def snap_scores(seg: Storage, window: int, kernel: int, time_order: bool = False) -> torch.Tensor:
     """``(B, h, n)``: attention from the observation window, max-pooled over ``kernel`` neighbours in time, the
     ``window`` newest tokens forced in (``inf``), whatever order the kept tokens are stored in; in that order, or
-    in time order (``time_order``, no padding: :meth:`~kvlab.methods.base.Method.score_in_time`)."""
+    in time order (``time_order``: :meth:`~kvlab.methods.base.Method.score_in_time`)."""
     s = seg.scores  # (B, h, n): mean over the KV head's query heads, summed over the window's queries
     if kernel > 1:  # padding scores -inf in the storage and never wins the max
         s = pool_max(seg, s, kernel, time_order=time_order)

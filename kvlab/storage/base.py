@@ -150,10 +150,11 @@ def in_time(seg: Storage, scores: torch.Tensor) -> torch.Tensor:
 
 
 def force_newest(scores: torch.Tensor, seg: Storage, newest: int, time_order: bool) -> torch.Tensor:
-    """``scores (B, h, n)`` with the ``newest`` most recent kept tokens set to ``inf`` (always kept). ``time_order``: the
-    scores are in time order and ``seg`` holds no padding, so those tokens are the last ``newest``: one fill in place
+    """``scores (B, h, n)`` with the ``newest`` most recent kept tokens set to ``inf`` (always kept). ``time_order``:
+    the scores are in time order, padding first, so those tokens are the last ``newest``: one fill in place
     (``seg.scores`` itself is copied first), no ages read. That holds where they were forced at every eviction before
-    (ages only grow, so the ``newest`` most recent tokens were always among those forced). Else a new tensor."""
+    (ages only grow, so the ``newest`` most recent tokens were always among those forced); a row with fewer real
+    tokens has padding forced too, which the caller's ``-inf`` for padding overrides. Else a new tensor."""
     if not time_order:
         return scores.masked_fill(seg.age < newest, float("inf"))
     out = scores.clone() if scores is seg.scores else scores  # never write the storage's own scores

@@ -213,7 +213,7 @@ class InPlaceSteps:
         if self._scrambled or self._head:
             self._room.clear()  # the tensors are rebuilt below
         if self._scrambled:
-            idx = self._time_key().argsort(dim=-1, stable=True)  # (B, h, n): real tokens' positions are distinct in a row and head
+            idx = self._time_key().argsort(dim=-1, stable=True)  # (B, h, n): real positions are distinct in a row
             for name in PER_TOKEN:
                 t = getattr(self, name)
                 if t is not None:

@@ -54,8 +54,8 @@ class Scorer(Protocol):
         ...
 
     def score_in_time(self, seg: Storage) -> torch.Tensor:
-        """:meth:`score` of a storage without padding, in time order (``seg.time_index``'s): what a slot step
-        ranks when the scorer has ``ties``. Asked only of ``order_free`` scorers."""
+        """:meth:`score` in time order, padding first (``seg.time_index``'s): what a slot step ranks when the scorer
+        has ``ties``. Asked only of ``order_free`` scorers."""
         ...
 
     def runs(self, n: int) -> list[tuple[int, int]] | None:
