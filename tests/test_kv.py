@@ -345,6 +345,43 @@ def test_slot_writes_in_a_padded_batch_keep_what_copying_keeps(tiny_llama, spec,
         assert torch.equal(*kept)  # the same real tokens kept, per row and head
 
 
+@pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3,pool=3", "snapkv:budget=8,window=3,kernel=3",
+                                  "tova:budget=8", "knorm:budget=8"])
+def test_padded_slot_steps_hand_over_to_chunks_and_padding_steps(tiny_llama, spec):
+    """In a padded batch (rows of 30, 12 and 5 tokens, budget 8), slot steps mixed with steps whose token is
+    padding in one row (while that row still holds padding, so a slot step later leaves padding in the last slot)
+    and a chunk of 5 tokens: the same logits as copying steps throughout (but at the padding queries)."""
+    from kvlab.cache import make_cache
+
+    g = torch.Generator().manual_seed(3)
+    ids, new = torch.randint(1, 256, (3, 30), generator=g), torch.randint(1, 256, (3, 40), generator=g)
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, :18], mask[2, :25] = 0, 0
+    plan = [1, (2,), 1, 1, 5, 1, (1,), 1, 1, 1]  # tokens per forward pass; (row,): one token, padding in that row
+    logits = []
+    for slots in (True, False):
+        model, m, t = copy.deepcopy(tiny_llama), mask, 0
+        cache = make_cache(model, spec)
+        with torch.no_grad():
+            out = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]]
+            for q in plan:
+                for layer in cache.layers:
+                    for seg in layer.segments:
+                        seg.slots = slots and seg.slots
+                real = torch.ones(3, q if isinstance(q, int) else 1, dtype=torch.long)
+                if not isinstance(q, int):
+                    real[q[0]] = 0
+                m = torch.cat((m, real), 1)
+                out.append(model(new[:, t:t + real.shape[1]], attention_mask=m, past_key_values=cache).logits[:, -1:])
+                t += real.shape[1]
+        logits.append(torch.cat(out, 1))
+    diff = (logits[0] - logits[1]).abs()
+    for i, q in enumerate(plan):
+        if not isinstance(q, int):
+            diff[q[0], 1 + i] = 0  # a padding query's logits
+    assert diff.max() < 1e-5
+
+
 def test_growing_keys_and_values_append_into_spare_room_and_release_it_on_eviction():
     """A segment that only grows writes each step into room behind its keys (no copy of the cache), holds
     exactly what concatenation would hold, reserves at most an eighth plus ROOM tokens, and frees it on eviction."""
