@@ -8,7 +8,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method, positive
-from kvlab.storage import Storage, force_newest, in_time, pool_max
+from kvlab.storage import Storage, force_newest, pool_max
 
 
 @dataclass
@@ -56,11 +56,9 @@ class H2O(Method):
         return self._score(seg, time_order=True)
 
     def _score(self, seg: Storage, time_order: bool) -> torch.Tensor:
-        s = seg.scores  # (batch, heads, n) accumulated attention: read, never written (as every scorer's score)
-        if self.pool > 1:  # each token: the max over its neighbourhood in time (padding never wins: -inf)
-            s = pool_max(seg, s, self.pool, time_order=time_order)
-        elif time_order:
-            s = in_time(seg, s)
+        # seg.scores (batch, heads, n) accumulated attention: read, never written (as every scorer's score); each
+        # token's the max over its neighbourhood in time with pool > 1 (padding never wins: -inf)
+        s = pool_max(seg, seg.scores, self.pool, time_order=time_order)
         if self.recent:  # the newest tokens by age: kept tokens may sit in any order (see order_free)
             s = force_newest(s, seg, self.recent, time_order)
         return s

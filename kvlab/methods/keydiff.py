@@ -36,7 +36,7 @@ class KeyDiff(KNorm):
             anchor = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1)
         # -F.cosine_similarity(k, anchor, dim=-1), the same bits: it divides both by their norms, multiplies and
         # sums; but it broadcasts the anchor to k's shape first (so normalizes it once per token), and writes each
-        # step to a new (B, h, n, D) tensor, which leaves the CPU's caches. Here the anchor once, k in place.
+        # step to a new (B, h, n, D) tensor. Here the anchor once, and k in place.
         return _unit_(k).mul_(_unit_(anchor)).sum(-1).neg_()  # (B, h, n)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method, positive
-from kvlab.storage import Storage, force_newest, in_time, pool_max
+from kvlab.storage import Storage, force_newest, pool_max
 
 
 def check_window(budget: int, window: int, kernel: int) -> None:
@@ -25,11 +25,8 @@ def snap_scores(seg: Storage, window: int, kernel: int, time_order: bool = False
     """``(B, h, n)``: attention from the observation window, max-pooled over ``kernel`` neighbours in time, the
     ``window`` newest tokens forced in (``inf``), whatever order the kept tokens are stored in; in that order, or
     in time order (``time_order``: :meth:`~kvlab.methods.base.Method.score_in_time`)."""
-    s = seg.scores  # (B, h, n): mean over the KV head's query heads, summed over the window's queries
-    if kernel > 1:  # padding scores -inf in the storage and never wins the max
-        s = pool_max(seg, s, kernel, time_order=time_order)
-    elif time_order:
-        s = in_time(seg, s)
+    # seg.scores (B, h, n): mean over the KV head's query heads, summed over the window's queries
+    s = pool_max(seg, seg.scores, kernel, time_order=time_order)  # padding never wins the max
     return force_newest(s, seg, window, time_order)
 
 

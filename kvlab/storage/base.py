@@ -133,9 +133,11 @@ def gather_tokens(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def pool_max(seg: Storage, scores: torch.Tensor, kernel: int, time_order: bool = False) -> torch.Tensor:
     """``scores (B, h, n)`` of ``seg``'s kept tokens, each replaced by the largest within ``kernel`` (odd) tokens
-    centred on it in time order (max-pooling; padding's ``-inf`` never wins), whatever order the tokens are
-    stored in (:attr:`Storage.time_index`): returned in the stored order, or in time order (``time_order``), where
-    they were pooled."""
+    centred on it in time order (max-pooling; padding's ``-inf`` never wins; ``kernel`` 1: no pooling), whatever
+    order the tokens are stored in (:attr:`Storage.time_index`): returned in the stored order, or in time order
+    (``time_order``), where they were pooled."""
+    if kernel == 1:
+        return in_time(seg, scores) if time_order else scores
     perm = seg.time_index
     s = scores if perm is None else scores.gather(-1, perm)
     s = F.max_pool1d(s.flatten(0, -2)[:, None], kernel, stride=1, padding=kernel // 2).view_as(s)

@@ -154,7 +154,7 @@ class InPlaceSteps:
             order = self.time_index
             score = scorer.score_in_time(self).expand(b, h, n)
             if valid is not None:
-                score = score.masked_fill(~(valid if order is None else valid.gather(-1, order)), -torch.inf)
+                score = score.masked_fill(~valid.gather(-1, order), -torch.inf)  # order: sorted above
             gone = left_out(score)  # (B, h, 1), its index in time order
             victim = gone if order is None else order.gather(-1, gone)  # its slot
         else:
