@@ -345,6 +345,49 @@ def test_slot_writes_in_a_padded_batch_keep_what_copying_keeps(tiny_llama, spec,
         assert torch.equal(*kept)  # the same real tokens kept, per row and head
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("spec", ["streaming:sinks=2,window=6", "streaming:sinks=0,window=8"])
+def test_a_padded_batch_turns_a_ring_once_its_rows_hold_no_padding(tiny_llama, spec, dtype):
+    """A left-padded batch (rows of 30, 12 and 5 tokens, budget 8) decoding 24 steps: the copying steps evict the
+    padding the short row still holds, then every step is a ring step, the same slot in every row, each row's
+    positions counting its own real tokens and its sinks moved to its own frame. The first layer's keys (sinks
+    re-rotated included), values and positions are bit for bit those of copying steps; the logits differ by
+    attention summed over another key order."""
+    from kvlab.cache import make_cache
+
+    model = copy.deepcopy(tiny_llama).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(1, 256, (3, 30), generator=g), torch.randint(1, 256, (3, 24), generator=g)
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, :18], mask[2, :25] = 0, 0
+    caches, logits, turns = [], [], []
+    for ring in (True, False):
+        cache = make_cache(model, spec)
+        seg = cache.layers[0].segments[0]
+        if ring:  # count the first layer's ring steps
+            seg._turn = lambda key, value, turn=seg._turn: bool(turns.append(turn(key, value)) or turns[-1])
+        else:
+            for layer in cache.layers:
+                for seg in layer.segments:
+                    seg._turn = lambda key, value: False
+        with torch.no_grad():
+            out, m = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:]], mask
+            for t in range(steps.shape[1]):
+                m = torch.cat((m, torch.ones(3, 1, dtype=torch.long)), 1)
+                out.append(model(steps[:, t:t + 1], attention_mask=m, past_key_values=cache).logits)
+        caches.append(cache)
+        logits.append(torch.cat(out, 1).float())
+    assert (logits[0] - logits[1]).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+    turned, copied = caches[0].layers[0].segments[0], caches[1].layers[0].segments[0]
+    assert turned._valid is not None and turned._pad_held == 0 and turned._masks is None  # padded, none held
+    # steps 1-4 copy (the prefill's eviction, then the short row's 3 slots of padding leave one a step), the 20 others
+    # turn the ring
+    assert turns == [True] * 20 and turned._head and not copied._head
+    for name in ("keys", "values", "age"):
+        assert torch.equal(getattr(turned, name), getattr(copied, name)), name
+    assert turned._real.flatten().tolist() == [54, 36, 29]
+
+
 @pytest.mark.parametrize("spec", ["h2o:budget=8,recent=3,pool=3", "snapkv:budget=8,window=3,kernel=3",
                                   "tova:budget=8", "knorm:budget=8"])
 def test_padded_slot_steps_hand_over_to_chunks_and_padding_steps(tiny_llama, spec):

@@ -81,6 +81,20 @@ def test_shift_by_one_delta_is_bit_for_bit_shift(dtype, delta):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top", [9, 65_535, 70_000])
+def test_shift_at_each_keys_delta_is_bit_for_bit_shift(dtype, top):
+    """A padded batch's ring step rotates each key by its own delta (a row's real tokens seen) from prepared float32
+    originals: the very bits of the general per-key rotation, inside and beyond the cos/sin table."""
+    rotary = Rotary(INV_FREQ)
+    keys = torch.randn(2, 3, 4, HEAD_DIM, generator=torch.Generator().manual_seed(1)).to(dtype)
+    delta = torch.randint(0, top + 1, (2, 3, 4), generator=torch.Generator().manual_seed(2))
+    delta[0, 0, 0] = top
+    out = torch.zeros_like(keys)
+    rotary.shift_at(rotary.prepare(keys), delta, top, rotary.rotated(out))
+    assert torch.equal(out, rotary.shift(keys, delta, bound=top + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("start", [0, 5, 65_533, 70_000])
 def test_shift_range_by_is_bit_for_bit_shift_range(dtype, start):
     """The quantized segment's sinks (key i to position start + i, from float32 originals prepared once) get the

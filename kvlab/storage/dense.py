@@ -10,7 +10,8 @@ Padding. ``_valid (B, h, n)`` marks real tokens once a padded chunk arrived (Non
 without padding). Padding scores ``-inf`` against any scorer, so a row keeps exactly what it would
 keep alone and budgets count real tokens; attention never reads it. Until a scorer chooses per head, every head
 of a row holds the same tokens, so attention gets one mask per row (``(B, 1, n)``), which sdpa shares across
-heads, instead of one per head.
+heads, instead of one per head. Padding leaves first, so once the rows hold none (``_pad_held``: counted when a
+pass with padding arrives, one less per token evicted) attention needs no mask and positional methods turn a ring.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class Segment(InPlaceSteps, FramePositions):
         self._rows_valid = True  # every head of a row holds the same tokens (no per-head choice since padding)
         self._src: torch.Tensor | None = None  # (B, h, prefix, D) original keys of the prefix slots
         self._src_fixed = False  # _src holds the stream's first tokens, which never leave the prefix slots
-        self._prepared: tuple[torch.Tensor, ...] | None = None  # (_src, _k, Rotary.shift_by's two inputs)
+        self._prepared: tuple | None = None  # (_src, _k, the rotation's two inputs, padded rows' shifts: frames.py)
         self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
+        self._pad_held: int | None = None  # at least the most padding any row and head holds (None: none seen)
         self.scores: torch.Tensor | None = None  # (B, h, n) float32
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
@@ -104,7 +106,9 @@ class Segment(InPlaceSteps, FramePositions):
     def _masks(self) -> torch.Tensor | None:
         """The validity as attention and :attr:`order` read it: ``(B, 1, n)`` while every head of a row holds the same
         tokens (one mask per row, which sdpa shares across heads), else ``(B, h, n)``; None without padding."""
-        return self._valid[:, :1] if self._valid is not None and self._rows_valid else self._valid
+        if self._valid is None or self._pad_held == 0:  # no padding held: nothing to mask
+            return None
+        return self._valid[:, :1] if self._rows_valid else self._valid
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self._unroll()
@@ -147,7 +151,7 @@ class Segment(InPlaceSteps, FramePositions):
         b, h, q, _ = key_states.shape
         if valid is not None and self._valid is None:
             self._start_padding(b, h, key_states.device)
-        if q == 1 and valid is None and ((self._valid is None and self._turn(key_states, value_states))
+        if q == 1 and valid is None and ((not self._pad_held and self._turn(key_states, value_states))
                                          or self._slot(key_states, value_states)):
             return
         self._unroll()
@@ -166,6 +170,8 @@ class Segment(InPlaceSteps, FramePositions):
         self.seen += q
         if self._valid is not None:
             self._real = real
+        if valid is not None:  # a pass with padding (it read its mask already): count what the rows hold
+            self._pad_held = int((~self._valid).sum(-1).max())
         self._refresh()
 
     def compress(self) -> None:
@@ -211,7 +217,7 @@ class Segment(InPlaceSteps, FramePositions):
     def _start_padding(self, b: int, h: int, device: torch.device) -> None:
         self._unroll()
         self._valid = torch.ones(b, h, self.length, dtype=torch.bool, device=device)
-        self._rows_valid = True
+        self._rows_valid, self._pad_held = True, 0
         self._real = torch.full((b, 1, 1), self.seen, dtype=torch.long, device=device)
 
     def _evict_and_append(self, new: dict[str, torch.Tensor]) -> None:
@@ -244,6 +250,8 @@ class Segment(InPlaceSteps, FramePositions):
                 self._rows_valid &= score.dim() == 1 or score.shape[1] == 1  # else heads may now keep other tokens
                 score = score.expand(*self._valid.shape).masked_fill(~self._valid, -torch.inf)
             keep = keep_indices(score, budget)  # (budget,) or (B, h, budget)
+            if self._pad_held:  # padding scores -inf: it leaves first
+                self._pad_held = max(0, self._pad_held - (n - budget))
         keep = keep.expand(*self._k.shape[:2], -1) if keep.dim() == 1 else keep
         if self.prefix:
             self._src, self._src_fixed = self._gather_originals(keep[..., :self.prefix]), False

@@ -58,20 +58,27 @@ class FramePositions:
             return
         m = min(self._src.shape[2], self.length)
         n = self.length
-        if self._src_fixed and self._valid is None:  # tokens 0..m-1 at frame seen-n..: all move by seen - n
-            src, k, prepared, out = self._prepared or (None, None, None, None)
-            if src is not self._src or k is not self._k or out.shape[2] != m:
+        padded = self._valid is not None
+        if (self._src_fixed and not padded) or (padded and self._pad_held == 0):  # a few kernels, from prepared keys
+            src, k, prepared, out, base = self._prepared or (None, None, None, None, None)
+            if src is not self._src or k is not self._k or out.shape[2] != m or (base is None) == padded:
                 prepared = self.rotary.prepare(self._src[:, :, :m])
                 out = self.rotary.rotated(self._k[:, :, :m])
-                self._prepared = (self._src, self._k, prepared, out)
-            self.rotary.shift_by(prepared, self.seen - n, out)
+                # rows that hold no padding: key i of a row that has seen r real tokens sits at frame r - n + i, so
+                # the original at true position p moves by r + base, base (B, h, m) = i - n - p
+                base = torch.arange(m, device=self.device) - n - self._pos[:, :, :m] if padded else None
+                self._prepared = (self._src, self._k, prepared, out, base)
+            if padded:  # each key's cos/sin rows gathered from the table
+                self.rotary.shift_at(prepared, base + self._real, self.seen, out)
+            else:  # the stream's first tokens 0..m-1 at frame seen - n..: all move by seen - n
+                self.rotary.shift_by(prepared, self.seen - n, out)
             return
-        if self._valid is None:
-            frame = torch.arange(self.seen - n, self.seen - n + m, device=self.device)
-        else:
+        if padded:
             valid = self._valid
             frame = self._real - valid.sum(-1, keepdim=True) + valid[..., :m].cumsum(-1) - 1
+        else:
+            frame = torch.arange(self.seen - n, self.seen - n + m, device=self.device)
         delta = frame - self._pos[:, :, :m]
-        if self._valid is not None:
+        if padded:
             delta = delta.masked_fill(~self._valid[..., :m], 0)
         self._k[:, :, :m] = self.rotary.shift(self._src[:, :, :m], delta, bound=self.seen + 1)

@@ -3,7 +3,10 @@
 Ring. In the steady state of a positional method (one token in, the oldest of the window out) a decode
 step writes the new token over the evicted one. The window is then a ring (``_start`` where it begins,
 ``_head`` its oldest slot); a single query needs no mask and attention does not depend on key order, so
-decode reads the ring as it is.
+decode reads the ring as it is. A padded batch turns its ring once its rows hold no padding (a left-padded
+``generate`` whose prompts all outgrew the budget, or once the copying steps evicted the rest): every row then
+holds ``n`` real tokens, its sinks first, and writes the same slot; a row's positions count its own real tokens,
+and its sinks move to its own frame (one gather of cos/sin rows for the batch: :meth:`Rotary.shift_at`).
 
 Slots. A scorer whose scores do not depend on the order the kept tokens are stored in (``order_free``: H2O,
 TOVA, SnapKV and its kin, KNorm, KeyDiff) does the same at any slot: the new token takes the place of the
@@ -72,8 +75,12 @@ class InPlaceSteps:
         slot = start + self._head  # narrow + copy_: cheaper than indexing with slices, on a CPU
         self._k.narrow(2, slot, 1).copy_(key)
         self._v.narrow(2, slot, 1).copy_(value)
-        if self._pos is not None:
+        if self._pos is not None and self._real is not None:  # a padded batch whose rows hold no padding:
+            self._pos.narrow(2, slot, 1).copy_(self._real.expand(-1, self._pos.shape[1], 1))  # a row's real tokens
+        elif self._pos is not None:
             self._pos.narrow(2, slot, 1).fill_(self.seen)
+        if self._real is not None:
+            self._real = self._real + 1
         self.advance()
         self._refresh()
         return True
@@ -144,7 +151,7 @@ class InPlaceSteps:
             return False
         self._settle()
         b, h, _, d = self._k.shape
-        scorer, order, valid = self.group.scorer, None, self._valid
+        scorer, order, valid = self.group.scorer, None, self._valid if self._pad_held else None
         shared = False  # every head of a row scores alike (their slots of padding stay alike)
         if getattr(scorer, "ties", False):  # argmin's tie-break (the first slot) would differ from top-k's:
             # rank in time order, as the copying eviction does. In a padded batch, from a sort that puts padding
@@ -167,13 +174,15 @@ class InPlaceSteps:
         self._v.scatter_(2, slot, value)
         if self.scores is not None and self.observed is None:  # accumulated scores: the newest token's starts at 0
             self.scores.scatter_(2, victim, 0.0)  # (observed scores are replaced whole by the attention that follows)
-        if valid is None:
+        if self._real is None:
             self._pos.scatter_(2, victim, self.seen)
-        else:  # positions count a row's real tokens; heads may now hold different slots of padding
+        else:  # positions count a row's real tokens
             self._pos.scatter_(2, victim, self._real.expand(b, h, 1))
-            valid.scatter_(2, victim, True)
             self._real = self._real + 1
+        if valid is not None:  # a row that held padding holds one slot less; heads may now hold different slots
+            valid.scatter_(2, victim, True)
             self._rows_valid &= h == 1 or shared
+            self._pad_held -= 1
         if order is not None:  # the victim's slot now holds the newest token; the other slots keep their order
             self._time = (self._pos, self._pos._version, self._later(order, gone, victim))
         self.seen += 1

@@ -104,6 +104,19 @@ class Rotary:
             pairs = torch.stack((ang.cos(), ang.sin()), 1)
         _sum_into(prepared * pairs.transpose(0, 1)[:, None, None, :, None, :], out)  # pairs: (2, 1, 1, m, 1, rot/2)
 
+    def shift_at(self, prepared: torch.Tensor, delta: torch.Tensor, top: int, out: torch.Tensor) -> None:
+        """Write the keys of ``prepared`` (:meth:`prepare` of ``(B, h, m, D)`` keys), each rotated by its own
+        ``delta (B, h, m)`` positions (long, every value in ``[0, top]``, ``top`` a host int), into ``out``
+        (:meth:`rotated` of the destination): bit for bit :meth:`shift`, in three or four kernels (one gather of the
+        table's rows for every key)."""
+        half = self.inv_freq.shape[0]
+        if top < TABLE_POSITIONS:
+            rows = self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, 1, half)
+        else:
+            ang = delta.float()[..., None] * self._inv(delta.device)  # (B, h, m, rot/2)
+            rows = torch.stack((ang.cos(), ang.sin()), dim=-2)[..., None, :]
+        _sum_into(prepared * rows.movedim(-3, 0), out)  # rows: (2, B, h, m, 1, rot/2)
+
     def pairs_each(self, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The cos and sin rows of ``delta (..., h)`` positions (long on the keys' device, every value in ``[0, top]``,
         ``top`` a host int), shaped for :meth:`shift_each`: ``(..., 2, h, rot/2)`` float32, read from the table (one
