@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvlab.errors import KvlabError
 from kvlab.methods.base import Method
-from kvlab.storage import Group, LayerInfo, RecentWindow, RingSet, Rotary, Storage, make_segment
+from kvlab.storage import Group, LayerInfo, RecentWindow, RingSet, Rotary, SlotSet, Storage, make_segment
 
 _TAG = "_kvlab_layer"
 
@@ -59,7 +59,8 @@ class KVLayer(CacheLayerMixin):
         self._qidx: list[torch.Tensor | tuple[int, int]] = []
         self._kidx: list[tuple[int, int] | None] = []  # each segment's KV heads as (start, count), where contiguous
         self._rings: RingSet | None = None  # segments whose decode steps are taken as one (storage/rings.py)
-        self._ringable = False
+        self._slots: SlotSet | None = None  # the same for one-head segments' slot steps (storage/slotsets.py)
+        self._ringable = self._slotable = False
         self._in_order = False
 
     # -- transformers' layer API -------------------------------------------------------
@@ -79,6 +80,7 @@ class KVLayer(CacheLayerMixin):
         # cover each head once, so that holds exactly when every segment's heads are contiguous
         self._in_order = all(k is not None for k in self._kidx)
         self._ringable = RingSet.possible(self.segments)
+        self._slotable = SlotSet.possible(self.segments)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -148,9 +150,9 @@ class KVLayer(CacheLayerMixin):
         return sum(seg.source_nbytes() for seg in self.segments)
 
     def reserved_nbytes(self) -> int:
-        """Bytes held beside :meth:`nbytes`: the segments' spare room and float32 sink copies, and the ring set's."""
-        rings = self._rings.reserved_nbytes() if self._rings is not None else 0
-        return rings + sum(seg.reserved_nbytes() for seg in self.segments)
+        """Bytes held beside :meth:`nbytes`: the segments' spare room and float32 sink copies, and the sets'."""
+        sets = sum(x.reserved_nbytes() for x in (self._rings, self._slots) if x is not None)
+        return sets + sum(seg.reserved_nbytes() for seg in self.segments)
 
     def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
                valid: torch.Tensor | None = None, prefix: KVLayer | None = None) -> torch.Tensor:
@@ -158,25 +160,28 @@ class KVLayer(CacheLayerMixin):
         attention output ``(B, heads, q, D)`` over the kept tokens (after ``prefix``'s, all visible)."""
         pending, self._pending = self._pending, None
         self._allocate_once()
+        step = pending is not None and pending[0].shape[2] == 1  # one new token
+        plain = step and valid is None and prefix is None  # ... and nothing else: a plain decode step
         if len(self.segments) == 1:
             seg = self.segments[0]
             if pending is not None:
                 seg.push(*pending, valid)
             out = seg.attend(query, scaling, window, softcap, prefix=prefix.segments[0] if prefix else None)
+        elif (slots := self._slot_set(plain and window is None)) is not None:
+            out = slots.step(*pending, query, scaling, softcap)
         else:
             # a decode step's outputs in head order are one concatenation (a chunk's go in place: the layout the
             # model reads them back in)
             out = None if self._in_order and query.shape[2] == 1 else torch.empty_like(query)
             parts = []
-            # one new token: the storage copies it into its slot, so a view of the layer's new keys will do
-            step = pending is not None and pending[0].shape[2] == 1
-            rings = self._ring_set(step and valid is None and prefix is None)
+            rings = self._ring_set(plain)
             if rings is not None:
                 rings.step(*pending)
             for i, (seg, qidx, kidx) in enumerate(zip(self.segments, self._qidx, self._kidx)):
                 if rings is not None and seg in rings.members:
                     pass  # stepped with its set
-                elif step and kidx is not None:  # narrow: cheaper than indexing with a slice, on a CPU
+                elif step and kidx is not None:  # one new token: the storage copies it into its slot, so a view
+                    # of the layer's new keys will do (narrow: cheaper than indexing with a slice, on a CPU)
                     seg.push(pending[0].narrow(1, *kidx), pending[1].narrow(1, *kidx), valid)
                 elif pending is not None:
                     seg.push(pending[0].index_select(1, seg.heads), pending[1].index_select(1, seg.heads), valid)
@@ -193,6 +198,15 @@ class KVLayer(CacheLayerMixin):
         if self.on_filled is not None:
             self.on_filled()
         return out
+
+    def _slot_set(self, step: bool) -> SlotSet | None:
+        """The set of this layer's one-head segments that take a plain decode step's slot steps and attention as
+        one, kept while it holds (None for any other forward pass)."""
+        if not (step and self._slotable):
+            self._slots = None
+        elif self._slots is None or not self._slots.intact():
+            self._slots = SlotSet.of(self.segments)
+        return self._slots
 
     def _ring_set(self, step: bool) -> RingSet | None:
         """The set of this layer's segments that take a plain decode step as one, kept while it holds (None for

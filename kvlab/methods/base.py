@@ -42,6 +42,9 @@ class Method:
     #: scores with many exact ties (max-pooling): a slot step then evicts the token the copying eviction's
     #: top-k would leave out, in time order, rather than the first lowest slot (see kvlab.storage.inplace)
     ties = False
+    #: :meth:`score_in_time` reads nothing of the storage but ``seg.scores`` and ``seg.time_index``: a layer's
+    #: one-head groups may then rank their slot steps as one (kvlab.storage.slotsets)
+    scores_only: ClassVar[bool] = False
 
     def capacity(self) -> int | None:
         """Tokens kept per KV head between forward passes (None: unbounded)."""

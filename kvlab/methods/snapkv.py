@@ -54,6 +54,7 @@ class SnapKV(Method):
     name = "snapkv"
     needs_scores = True
     order_free = True  # decode steps write in the evicted slot
+    scores_only = True  # score_in_time pools seg.scores in time order, nothing else
 
     def __post_init__(self) -> None:
         check_window(self.budget, self.window, self.kernel)

@@ -4,7 +4,8 @@
 ``rope``: exact re-rotation of keys; ``attention``: masked, blocked attention;
 ``base``: the storage contract; ``dense`` and ``quantized`` (with ``codes``): its two implementations;
 ``rows``: one storage per batch row once padding arrives (quantized storage keeps no padding); ``rings``:
-the decode steps of several dense rings of a layer taken as one.
+the decode steps of several dense rings of a layer taken as one; ``slotsets``: the same for the slot steps of a
+layer's one-head segments (per-head budgets).
 """
 
 from kvlab.storage.base import Storage, force_newest, in_time, keep_indices, pool_max
@@ -15,9 +16,10 @@ from kvlab.storage.quantized import QuantSegment
 from kvlab.storage.rings import RingSet
 from kvlab.storage.rope import Rotary
 from kvlab.storage.rows import RowSplit
+from kvlab.storage.slotsets import SlotSet
 
 __all__ = ["GROUP_SIZE", "RESIDUAL", "ROPE", "WIDTHS", "Group", "LayerInfo", "QuantGroup", "QuantSegment",
-           "RecentWindow", "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "Storage", "check_rope",
+           "RecentWindow", "RingSet", "Rotary", "RowSplit", "Scorer", "Segment", "SlotSet", "Storage", "check_rope",
            "force_newest", "in_time", "keep_indices", "make_segment", "pool_max"]
 
 
