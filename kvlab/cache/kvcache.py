@@ -168,7 +168,8 @@ class KVLayer(CacheLayerMixin):
                 seg.push(*pending, valid)
             out = seg.attend(query, scaling, window, softcap, prefix=prefix.segments[0] if prefix else None)
         elif (slots := self._slot_set(plain and window is None)) is not None:
-            out = slots.step(*pending, query, scaling, softcap)
+            slots.push(*pending)
+            out = slots.attend(query, scaling, softcap)
         else:
             # a decode step's outputs in head order are one concatenation (a chunk's go in place: the layout the
             # model reads them back in)

@@ -16,15 +16,15 @@ views of their part. A decode step then, for every head at once:
   part of its row, so ties break as in its own step;
 * writes the new keys, values and positions into the chosen slots and carries the time order along;
 * attends with one call: every query head against the ``N`` flat keys, those of other KV heads masked out. That
-  computes ``H`` times the products one head needs, but reads each key once, and on a CPU it is still cheaper than
-  ``H`` calls for the few KV heads of small models.
+  computes ``H`` times the products one head needs, but reads each key once; on a CPU, for SmolLM2's 3 KV heads of
+  about 1,000 tokens each, it takes 0.79x the time of 3 calls in float32 and 0.76x in bf16 (one core).
 
 The set's results are those of the segments' own steps up to float rounding: the same products, but the softmax
 and the output sum over the ``N`` keys with exact zeros for other heads' keys, in another order (the same class of
 difference as between a slot step and a copying step; tested). Each segment keeps its bookkeeping (``seen``, its
 scores as a view of the set's) as if it had stepped alone, and re-sorts its time order from its positions when asked,
-so the set can be dropped at any time: a segment that does anything else (a chunk, padding, a beam reorder) gets
-tensors of its own again, and :meth:`SlotSet.intact` says the set no longer holds.
+so the set can be dropped at any time: a segment that does anything else (a chunk, padding, a beam reorder) steps
+on its own, in its views or in new tensors once it copies, and :meth:`SlotSet.intact` says the set no longer holds.
 """
 
 from __future__ import annotations
@@ -124,10 +124,9 @@ class SlotSet:
                 return False
         return True
 
-    def step(self, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor, scaling: float,
-             softcap: float | None = None) -> torch.Tensor:
-        """One decode step of every segment: ``key``/``value (B, H, 1, D)`` are the layer's new states, ``query
-        (B, H*g, 1, D)`` its queries. Returns the attention output ``(B, H*g, 1, D)``."""
+    def push(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """One decode step's slot step of every segment: ``key``/``value (B, H, 1, D)`` are the layer's new states;
+        :meth:`attend` follows."""
         b, h, _, d = key.shape
         width = self.table.shape[-1]
         # each head's slot step: rank its kept tokens in time order, leave out one, write the new token there
@@ -148,11 +147,11 @@ class SlotSet:
         self.seen += 1
         for seg in self.segments:
             seg.seen += 1
-        return self._attend(query, scaling, softcap)
 
-    def _attend(self, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
-        """``query (B, H*g, 1, D)`` against every head's kept tokens at once; each key's probability (the mean over
-        its head's queries) becomes its score."""
+    def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+        """The attention output ``(B, H*g, 1, D)`` of ``query (B, H*g, 1, D)`` (the layer's), each query head against
+        its KV head's kept tokens, in one call; each key's probability (the mean over its head's queries) becomes
+        its score."""
         b, hq, _, d = query.shape
         h, n = self._away.shape[0], self.k.shape[1]
         g = hq // h
