@@ -34,8 +34,7 @@ def _run(model: torch.nn.Module, spec: str, sets: bool, ids: torch.Tensor, betwe
     out = []
     with torch.no_grad():
         out.append(model(ids[:, :24], past_key_values=cache).logits[:, -1])
-        for layer in cache.layers:
-            layer._slotable = sets and layer._slotable
+        cache.use_sets(sets)
         t = 24
         while t < ids.shape[1]:
             q = between(cache, t) if between else 1

@@ -61,6 +61,7 @@ class KVLayer(CacheLayerMixin):
         self._rings: RingSet | None = None  # segments whose decode steps are taken as one (storage/rings.py)
         self._slots: SlotSet | None = None  # the same for one-head segments' slot steps (storage/slotsets.py)
         self._ringable = self._slotable = False
+        self.sets = True  # plain decode steps may be taken as sets (KVCache.use_sets)
         self._in_order = False
 
     # -- transformers' layer API -------------------------------------------------------
@@ -203,7 +204,7 @@ class KVLayer(CacheLayerMixin):
     def _slot_set(self, step: bool) -> SlotSet | None:
         """The set of this layer's one-head segments that take a plain decode step's slot steps and attention as
         one, kept while it holds (None for any other forward pass)."""
-        if not (step and self._slotable):
+        if not (step and self._slotable and self.sets):
             self._slots = None
         elif self._slots is None or not self._slots.intact():
             self._slots = SlotSet.of(self.segments)
@@ -212,7 +213,7 @@ class KVLayer(CacheLayerMixin):
     def _ring_set(self, step: bool) -> RingSet | None:
         """The set of this layer's segments that take a plain decode step as one, kept while it holds (None for
         any other forward pass, after which the segments hold tensors of their own again)."""
-        if not (step and self._ringable):
+        if not (step and self._ringable and self.sets):
             self._rings = None
         elif self._rings is None or not self._rings.intact():
             self._rings = RingSet.of(self.segments)
@@ -271,6 +272,12 @@ class KVCache(Cache):
         """Evict every group down to its budget now (otherwise done before the next tokens arrive)."""
         for layer in self.layers:
             layer.compress()
+
+    def use_sets(self, on: bool = True) -> None:
+        """Whether a layer's segments take plain decode steps as one set where they can (ring and slot sets: the
+        default), or each alone: the same tokens kept, for comparing the two (``bench/bench_sets.py``)."""
+        for layer in self.layers:
+            layer.sets = on
 
     def stop_evicting(self) -> None:
         """Lift the budget of every group of every full-attention layer: from now on the cache only grows.

@@ -1,0 +1,46 @@
+"""The sets benchmark (bench/bench_sets.py): both caches really run, the sets really step, its figures come from them."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _bench_sets():
+    sys.path.insert(0, str(BENCH))  # it imports its neighbour timing.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_sets", BENCH / "bench_sets.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_sets_and_lone_steps_of_adakv_on_smollm2(smollm2):
+    model, tok = smollm2
+    bench = _bench_sets()
+    ids = torch.randint(0, 1000, (1, 40 + bench.WARMUP + 3 + 1), generator=torch.Generator().manual_seed(0))
+    row = bench.compare(model, ids, "adakv:budget=8,window=2", 40, 3)
+    assert row["set_layers"] == row["layers"] == model.config.num_hidden_layers  # every layer stepped as a set
+    assert row["max_logit_gap"] < 1e-3 and row["same_greedy"]
+    assert row["calls_sets"] < row["calls_alone"]
+    assert row["alone_over_sets"] == round(row["alone_ms"] / row["sets_ms"], 3)
+    line = bench.table([row]).splitlines()[2]
+    assert line.startswith("| `adakv:budget=8,window=2` | float32 | 40 |") and f"| {row['layers']} / " in line
+
+
+def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path):
+    for args, says in ((["--methods", "nosuch:budget=1"], "unknown method 'nosuch'"), (["--steps", "0"], "--steps"),
+                       (["--dtypes", "float64"], "--dtypes")):
+        run = subprocess.run([sys.executable, str(BENCH / "bench_sets.py"), *args, "--out", str(tmp_path / "r")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert says in run.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())  # nothing written
