@@ -1,4 +1,4 @@
-"""The sets benchmark (bench/bench_sets.py): both caches really run, the sets really step, its figures come from them."""
+"""The sets benchmark (bench/bench_sets.py): both caches run, the sets really step, its figures come from them."""
 
 from __future__ import annotations
 
