@@ -13,9 +13,9 @@ each one's forward passes, all computing the last position's logits only, as ``k
 
 Also per implementation: each step's time over StreamingLLM's (when it runs), the share of step time inside the
 cache's update (``Segment.push``: scoring, eviction, append; ``RingSet.step`` and ``SlotSet.push``, the ring and
-slot steps a layer's segments take as one), the kept KV bytes, and the number of Python-level torch calls in one decode step (counted
-by a ``TorchFunctionMode``; a launch on a GPU costs several microseconds, so the count should not grow with the
-context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
+slot steps a layer's segments take as one), the kept KV bytes, and the number of Python-level torch calls in one
+decode step (counted by a ``TorchFunctionMode``; a launch on a GPU costs several microseconds, so the count should
+not grow with the context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
 ``--padded``: a batch of three left-padded prompts instead of one (the context's tokens, its first three quarters
 and its first half), as ``model.generate`` decodes a batch of prompts of different lengths.
 Prints a table and writes bench/results/decode.json and .md (``--out`` another stem).
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import CountCalls, Inside, positive_ints, run_meta, write
+from timing import CountCalls, Inside, left_padded, positive_ints, run_meta, write
 from transformers import DynamicCache
 
 import kvlab
@@ -123,17 +123,6 @@ def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int, mask: to
     return seconds, logits
 
 
-def _left_padded(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ids (n,)`` as three left-padded rows, its first ``n``, ``3n/4`` and ``n/2`` tokens: ``(3, n)`` ids (padding
-    0) and their attention mask."""
-    n = ids.shape[0]
-    mask = torch.zeros(3, n, dtype=torch.long, device=ids.device)
-    rows = torch.zeros_like(mask, dtype=ids.dtype)
-    for i, length in enumerate((n, 3 * n // 4, n // 2)):
-        rows[i, n - length:], mask[i, n - length:] = ids[:length], 1
-    return rows, mask
-
-
 def _plain_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -192,7 +181,7 @@ def main() -> None:
     ids_all = tokenize(tok, load_text("pydoc"), max(contexts)).to(model.device)
     rows = []
     for ctx in contexts:
-        ids, mask = (ids_all[:, :ctx], None) if not args.padded else _left_padded(ids_all[0, :ctx])
+        ids, mask = (ids_all[:, :ctx], None) if not args.padded else left_padded(ids_all[0, :ctx])
         for row in run_context({"kvlab": model, "sdpa": plain}, ids, specs, args.rounds, args.warmup, args.chunk,
                                mask):
             rows.append(row)

@@ -1,7 +1,7 @@
 """A method's decode steps with and without its layers' sets (ring and slot sets), on a real model, in one run.
 
     python bench/bench_sets.py [--model smollm2-135m] [--context 4096] [--methods "adakv:budget=1024"]
-                               [--dtypes float32,bfloat16] [--steps 36] [--threads 1]
+                               [--dtypes float32,bfloat16] [--steps 36] [--threads 1] [--padded]
 
 For each method and dtype, two caches are prefilled with the same ``--context`` tokens of real text (pydoc), 512 at
 a time; then one takes its decode steps as sets where it can (``KVCache.use_sets``, the default) and the other
@@ -9,7 +9,9 @@ with every segment stepping alone. Both are fed the same next tokens of the text
 same work), one step each in turn (interleaved, after 4 warm-up steps). The figures: the median step of each, the
 ratio (alone / sets), the layers that stepped as sets, the largest gap between the two caches' logits, whether
 their greedy tokens agree at every step, and the torch calls of a step (Python level). Prints a table; writes
-bench/results/sets.{json,md} (``--out`` another stem).
+bench/results/sets.{json,md} (``--out`` another stem). ``--padded``: a batch of three left-padded prompts (the
+context's tokens, its first three quarters and its first half), as ``model.generate`` decodes prompts of different
+lengths; every row then reads the same next tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import CountCalls, run_meta, write
+from timing import CountCalls, left_padded, run_meta, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -34,35 +36,39 @@ WARMUP = 4
 
 
 @torch.no_grad()
-def compare(model, ids: torch.Tensor, spec: str, context: int, steps: int) -> dict:
-    """``ids (1, context + WARMUP + steps + 1)``: one method's two caches, sets on and off."""
+def compare(model, ids: torch.Tensor, spec: str, context: int, steps: int, mask: torch.Tensor | None = None) -> dict:
+    """``ids (B, context + WARMUP + steps + 1)``: one method's two caches, sets on and off; ``mask (B, context)``:
+    the context's padding (None: none; the next tokens are real)."""
     caches = {}
     for sets in (True, False):
         cache = kvlab.make_cache(model, spec)
         for start in range(0, context, 512):
-            model(input_ids=ids[:, start:min(start + 512, context)], past_key_values=cache, logits_to_keep=1)
+            stop = min(start + 512, context)
+            model(input_ids=ids[:, start:stop], attention_mask=None if mask is None else mask[:, :stop],
+                  past_key_values=cache, logits_to_keep=1)
         cache.use_sets(sets)
         caches[sets] = cache
-    times, logits = {True: [], False: []}, {True: [], False: []}
-    for t in range(context, context + WARMUP + steps):
+    times, logits, calls = {True: [], False: []}, {True: [], False: []}, {}
+    for t in range(context, ids.shape[1]):
+        grown = None if mask is None else torch.cat((mask, mask.new_ones(mask.shape[0], t + 1 - context)), dim=1)
         for sets, cache in caches.items():
+            if t == ids.shape[1] - 1:  # the last step: its torch calls
+                with CountCalls() as counter:
+                    model(input_ids=ids[:, t:t + 1], attention_mask=grown, past_key_values=cache)
+                calls[sets] = counter.calls
+                continue
             start = time.perf_counter()
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits[:, -1].float()
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=grown, past_key_values=cache).logits[:, -1].float()
             if t >= context + WARMUP:
                 times[sets].append(time.perf_counter() - start)
                 logits[sets].append(out)
-    calls = {}
-    for sets, cache in caches.items():
-        with CountCalls() as counter:
-            model(input_ids=ids[:, -1:], past_key_values=cache)
-        calls[sets] = counter.calls
     on, off = statistics.median(times[True]), statistics.median(times[False])
     a, b = torch.cat(logits[True]), torch.cat(logits[False])
     layers = caches[True].layers
+    as_sets = sum(layer._slots is not None or layer._rings is not None for layer in layers)
     return {"impl": spec, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "context": context,
-            "steps": steps, "sets_ms": round(1000 * on, 2), "alone_ms": round(1000 * off, 2),
-            "alone_over_sets": round(off / on, 3), "set_layers": sum(x._slots is not None or x._rings is not None
-                                                                     for x in layers),
+            "batch": ids.shape[0], "padded": mask is not None, "steps": steps, "sets_ms": round(1000 * on, 2),
+            "alone_ms": round(1000 * off, 2), "alone_over_sets": round(off / on, 3), "set_layers": as_sets,
             "layers": len(layers), "max_logit_gap": float((a - b).abs().max()),
             "same_greedy": bool((a.argmax(-1) == b.argmax(-1)).all()), "calls_sets": calls[True],
             "calls_alone": calls[False]}
@@ -73,7 +79,8 @@ def table(rows: list[dict]) -> str:
              "largest logit gap | same greedy tokens | torch calls: sets / alone |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| `{r['impl']}` | {r['dtype']} | {r['context']} | {r['sets_ms']} | {r['alone_ms']} | "
+        context = f"{r['context']}{' x 3, padded' if r.get('padded') else ''}"
+        lines.append(f"| `{r['impl']}` | {r['dtype']} | {context} | {r['sets_ms']} | {r['alone_ms']} | "
                      f"{r['alone_over_sets']:.3f} | {r['set_layers']} / {r['layers']} | {r['max_logit_gap']:.2e} | "
                      f"{'yes' if r['same_greedy'] else 'no'} | {r['calls_sets']} / {r['calls_alone']} |")
     return "\n".join(lines)
@@ -87,6 +94,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--steps", type=int, default=36)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--padded", action="store_true",
+                   help="a batch of three left-padded prompts (the context, 3/4 and 1/2 of it) instead of one")
     p.add_argument("--out", type=Path, default=OUT / "sets", help="output stem (.json and .md are added)")
     args = p.parse_args()
     dtypes = args.dtypes.split(",")
@@ -104,11 +113,15 @@ def main() -> None:
     model, tok = kvlab.load(args.model)
     meta = run_meta(model, args)
     ids = tokenize(tok, load_text("pydoc"), args.context + WARMUP + args.steps + 1).to(model.device)
+    mask = None
+    if args.padded:  # the rows' contexts left-padded; each row then reads the text's next tokens
+        rows, mask = left_padded(ids[0, :args.context])
+        ids = torch.cat((rows, ids[:, args.context:].expand(3, -1)), dim=1)
     rows = []
     for dtype in dtypes:
         model = model.to(DTYPES[dtype])
         for spec in specs:
-            rows.append(compare(model, ids, spec, args.context, args.steps))
+            rows.append(compare(model, ids, spec, args.context, args.steps, mask))
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)

@@ -117,3 +117,14 @@ def positive_ints(text: str) -> list[int]:
     if min(values) < 1:
         raise ValueError(text)
     return values
+
+
+def left_padded(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids (n,)`` as three left-padded rows, its first ``n``, ``3n/4`` and ``n/2`` tokens: ``(3, n)`` ids (padding
+    0) and their attention mask."""
+    n = ids.shape[0]
+    mask = torch.zeros(3, n, dtype=torch.long, device=ids.device)
+    rows = torch.zeros_like(mask, dtype=ids.dtype)
+    for i, length in enumerate((n, 3 * n // 4, n // 2)):
+        rows[i, n - length:], mask[i, n - length:] = ids[:length], 1
+    return rows, mask

@@ -58,6 +58,6 @@ def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path, args,
 def test_padded_rows_are_the_contexts_first_tokens_left_padded():
     import torch
 
-    ids, mask = _bench_decode()._left_padded(torch.arange(1, 9))
+    ids, mask = _bench_decode().left_padded(torch.arange(1, 9))  # (from bench/timing.py)
     assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4]]
     assert mask.tolist() == [[1] * 8, [0] * 2 + [1] * 6, [0] * 4 + [1] * 4]

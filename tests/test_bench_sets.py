@@ -36,6 +36,18 @@ def test_sets_and_lone_steps_of_adakv_on_smollm2(smollm2):
     assert line.startswith("| `adakv:budget=8,window=2` | float32 | 40 |") and f"| {row['layers']} / " in line
 
 
+def test_a_padded_batch_steps_as_sets_too(smollm2):
+    model, _ = smollm2
+    bench = _bench_sets()
+    text = torch.randint(1, 1000, (1, 40 + bench.WARMUP + 3 + 1), generator=torch.Generator().manual_seed(1))
+    rows, mask = bench.left_padded(text[0, :40])  # rows of 40, 30 and 20 real tokens
+    ids = torch.cat((rows, text[:, 40:].expand(3, -1)), dim=1)
+    row = bench.compare(model, ids, "adakv:budget=8,window=2", 40, 3, mask)
+    assert row["batch"] == 3 and row["padded"] and row["set_layers"] == row["layers"]
+    assert row["max_logit_gap"] < 1e-3 and row["same_greedy"]
+    assert "| 40 x 3, padded |" in bench.table([row])
+
+
 def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path):
     for args, says in ((["--methods", "nosuch:budget=1"], "unknown method 'nosuch'"), (["--steps", "0"], "--steps"),
                        (["--dtypes", "float64"], "--dtypes")):

@@ -93,6 +93,37 @@ def test_anything_but_a_decode_step_drops_the_set():
     assert (logits - reference).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_padded_batch_steps_as_a_set_once_its_rows_hold_no_padding(dtype):
+    """Left-padded rows of 30, 12 and 5 tokens, budget 8: the short row's padding goes first, in the heads' own slot
+    steps; then the layer steps as a set, each row's positions counting its own real tokens. The same tokens and
+    positions as without sets."""
+    model = _model().to(dtype)
+    g = torch.Generator().manual_seed(5)
+    ids, steps = torch.randint(1, 256, (3, 30), generator=g), torch.randint(1, 256, (3, 24), generator=g)
+    mask = torch.ones(3, 30, dtype=torch.long)
+    mask[1, :18], mask[2, :25] = 0, 0
+    runs = []
+    for sets in (True, False):
+        cache = make_cache(model, SPECS[0])
+        cache.use_sets(sets)
+        with torch.no_grad():
+            out = [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]]
+            for t in range(steps.shape[1]):
+                mask = torch.cat((mask, mask.new_ones(3, 1)), dim=1)
+                out.append(model(steps[:, t:t + 1], attention_mask=mask, past_key_values=cache).logits[:, -1])
+        mask = mask[:, :30]
+        runs.append((cache, torch.stack(out).float()))
+    (together, logits), (alone, reference) = runs
+    assert all(isinstance(layer._slots, SlotSet) for layer in together.layers)
+    _same_tokens(together, alone)
+    for la, lb in zip(together.layers, alone.layers):
+        for sa, sb in zip(la.segments, lb.segments):
+            assert torch.equal(sa._pos.sort(-1).values, sb._pos.sort(-1).values)  # each row's own count
+            assert torch.equal(sa._real, sb._real)
+    assert (logits - reference).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_a_set_attends_with_gemma2s_soft_cap_on_its_global_layers():
     """Gemma-2: the global layer steps as a set, with the logits' soft cap; the sliding layer (its heads capped to
     the window) does not."""

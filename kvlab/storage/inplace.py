@@ -136,9 +136,11 @@ class InPlaceSteps:
         self._k, self._v, self._pos = keys, values, pos
         self._prepared = None  # it held the former keys
 
-    def holds(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> bool:
-        """Whether the segment still holds exactly these tensors (what :meth:`hand_over` gave it), with no padding."""
-        return self._k is keys and self._v is values and self._pos is pos and self._valid is None
+    def holds(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, padded: bool = False) -> bool:
+        """Whether the segment still holds exactly these tensors (what :meth:`hand_over` gave it), with no padding
+        (``padded``: or none left in a padded batch's rows, whose positions then count each row's real tokens)."""
+        return (self._k is keys and self._v is values and self._pos is pos
+                and (self._valid is None or (padded and not self._pad_held)))
 
     def _slot(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The slot step of an order-free scorer: when one new token (a real one in every row) evicts one kept

@@ -56,21 +56,23 @@ class SlotSet:
     @classmethod
     def of(cls, storages: list[Storage]) -> SlotSet | None:
         """A set of ``storages`` (:meth:`possible`) if each one's next one-token push is a slot step with nothing
-        to prepare (its budget reached, no padding, no spare room) and they agree on batch, dtype and tokens seen;
-        else None."""
+        to prepare (its budget reached, no padding held, no spare room) and they agree on batch, dtype and tokens
+        seen; else None. A padded batch's rows count their own real tokens for positions (``_real``, the same in
+        every segment of a layer: they see the same passes), which the set then shares among them."""
         first = storages[0]._k
         if first is None:
             return None
         for s in storages:
-            if (s._k is None or s.group.budget is None or s.length != s.group.budget + 1 or s._valid is not None
-                    or s._room or s.seen != storages[0].seen or s._k.shape[0] != first.shape[0]
-                    or s._k.dtype != first.dtype or s.scores is None):
+            if (s._k is None or s.group.budget is None or s.length != s.group.budget + 1 or s._pad_held
+                    or (s._real is None) != (storages[0]._real is None) or s._room or s.seen != storages[0].seen
+                    or s._k.shape[0] != first.shape[0] or s._k.dtype != first.dtype or s.scores is None):
                 return None
         return cls(storages)
 
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self.seen = segments[0].seen
+        self.real = segments[0]._real  # (B, 1, 1) real tokens seen per row, in a padded batch; else None
         self.groups = [seg.group for seg in segments]
         k0 = segments[0]._k
         b, d, device = k0.shape[0], k0.shape[-1], k0.device
@@ -96,6 +98,7 @@ class SlotSet:
             seg.hand_over(*views)
             seg.scores = scores
             seg._scrambled = True  # the set writes in any slot: its time order is the sort of its positions
+            seg._real = self.real
             self._views.append((*views, scores))
             own[i, :, off:off + m] = True
             off += m
@@ -120,7 +123,8 @@ class SlotSet:
         if self.pos._version != self._version:
             return False
         for seg, (k, v, pos, scores), group in zip(self.segments, self._views, self.groups):
-            if seg.group is not group or not seg.holds(k, v, pos) or seg.scores is not scores or seg.seen != self.seen:
+            if (seg.group is not group or not seg.holds(k, v, pos, padded=True) or seg.scores is not scores
+                    or seg.seen != self.seen or seg._real is not self.real):
                 return False
         return True
 
@@ -140,13 +144,18 @@ class SlotSet:
         slot = victim[..., None].expand(b, h, d)
         self.k.scatter_(1, slot, key.reshape(b, h, d))
         self.v.scatter_(1, slot, value.reshape(b, h, d))
-        self.pos.scatter_(1, victim, self.seen)
+        if self.real is None:
+            self.pos.scatter_(1, victim, self.seen)
+        else:  # positions count a row's real tokens
+            self.pos.scatter_(1, victim, self.real.view(b, 1).expand(b, h))
+            self.real = self.real + 1
         self.table = torch.cat((torch.where(self._index < gone, self.table[..., :-1], self.table[..., 1:]),
                                 victim[..., None]), dim=-1)
         self._version = self.pos._version
         self.seen += 1
         for seg in self.segments:
             seg.seen += 1
+            seg._real = self.real
 
     def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
         """The attention output ``(B, H*g, 1, D)`` of ``query (B, H*g, 1, D)`` (the layer's), each query head against
