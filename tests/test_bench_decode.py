@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _bench_decode():
-    sys.path.insert(0, str(BENCH))  # it imports its neighbour timing.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_decode", BENCH / "bench_decode.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+from bench_scripts import BENCH, load
 
 
 def _row(impl: str, context: int, step_ms: float) -> dict:
@@ -29,7 +15,7 @@ def _row(impl: str, context: int, step_ms: float) -> dict:
 
 
 def test_each_step_is_compared_with_the_full_caches_and_streamingllms_of_its_own_context():
-    table = _bench_decode().table([
+    table = load("bench_decode").table([
         _row("sdpa", 4096, 66.0), _row("full", 4096, 60.0), _row("streaming:sinks=4,window=1020", 4096, 40.0),
         _row("head-aware:budget=1024,profile=/tmp/p.json", 4096, 44.0), _row("full", 16384, 150.0),
         _row("h2o:budget=1024,recent=256", 16384, 50.0)])
@@ -58,6 +44,6 @@ def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path, args,
 def test_padded_rows_are_the_contexts_first_tokens_left_padded():
     import torch
 
-    ids, mask = _bench_decode().left_padded(torch.arange(1, 9))  # (from bench/timing.py)
+    ids, mask = load("bench_decode").left_padded(torch.arange(1, 9))  # (from bench/timing.py)
     assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4]]
     assert mask.tolist() == [[1] * 8, [0] * 2 + [1] * 6, [0] * 4 + [1] * 4]

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _bench_sets():
-    sys.path.insert(0, str(BENCH))  # it imports its neighbour timing.py
-    try:
-        spec = importlib.util.spec_from_file_location("bench_sets", BENCH / "bench_sets.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+from bench_scripts import BENCH, load
 
 
 def test_sets_and_lone_steps_of_adakv_on_smollm2(smollm2):
     model, tok = smollm2
-    bench = _bench_sets()
+    bench = load("bench_sets")
     ids = torch.randint(0, 1000, (1, 40 + bench.WARMUP + 3 + 1), generator=torch.Generator().manual_seed(0))
     row = bench.compare(model, ids, "adakv:budget=8,window=2", 40, 3)
     assert row["set_layers"] == row["layers"] == model.config.num_hidden_layers  # every layer stepped as a set
@@ -38,7 +24,7 @@ def test_sets_and_lone_steps_of_adakv_on_smollm2(smollm2):
 
 def test_a_padded_batch_steps_as_sets_too(smollm2):
     model, _ = smollm2
-    bench = _bench_sets()
+    bench = load("bench_sets")
     text = torch.randint(1, 1000, (1, 40 + bench.WARMUP + 3 + 1), generator=torch.Generator().manual_seed(1))
     rows, mask = bench.left_padded(text[0, :40])  # rows of 40, 30 and 20 real tokens
     ids = torch.cat((rows, text[:, 40:].expand(3, -1)), dim=1)
