@@ -40,6 +40,23 @@ def test_shift_each_is_shift_by_of_each_head(dtype):
             assert torch.equal(got[:, h:h + 1], alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shift_at_each_is_shift_at_of_each_step(dtype):
+    """Several steps' rotations of keys that each move by their own delta (a padded batch's ring set plans them
+    ahead): the bits of :meth:`Rotary.shift_at` for each step, inside and beyond the table."""
+    rotary = Rotary(INV_FREQ)
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(3, 2, 2, D, generator=g).to(dtype)
+    prepared = rotary.prepare(keys)
+    for top in (1000, 70_000):
+        delta = torch.randint(0, top + 1, (4, 3, 2, 2), generator=g)
+        got = rotary.shift_at_each(prepared, delta, top).to(dtype)
+        for a in range(4):
+            alone = torch.zeros_like(keys)
+            rotary.shift_at(prepared, delta[a], top, rotary.rotated(alone))
+            assert torch.equal(got[a], alone)
+
+
 def _segments(sinks: int, dtype: torch.dtype, rotary: Rotary) -> list[Segment]:
     return [Segment(Group(heads=h, budget=sinks + w, scorer=StreamingLLM(sinks=sinks, window=w)), rotary)
             for h, w in zip(HEADS, WINDOWS)]
@@ -156,3 +173,43 @@ def test_head_aware_steps_its_local_windows_as_one_set(tmp_path, dtype):
         caches.append(cache)
     assert torch.equal(logits[0], logits[1])
     assert caches[0].nbytes() == caches[1].nbytes() and caches[0].kept_tokens() == caches[1].kept_tokens()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padded_batch_steps_its_local_windows_as_one_set(tmp_path, dtype):
+    """Left-padded rows of 40, 25 and 12 tokens: once the rows hold no padding, head-aware's local windows step as
+    one set, each row's positions counting its own real tokens and its sinks moving to its own frame; the logits,
+    keys and positions are those of stepping every window alone, bit for bit."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                         intermediate_size=128, vocab_size=256, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    path = round_robin_profile(model, tmp_path, classes=lambda layer, head: "local",
+                               locality=lambda layer, head: 0.1 + 0.2 * head)
+    spec = f"head-aware:budget=10,profile={path},sinks=2,recent=2"
+    g = torch.Generator().manual_seed(3)
+    ids, steps = torch.randint(1, 256, (3, 40), generator=g), torch.randint(1, 256, (3, 30), generator=g)
+    first = torch.ones(3, 40, dtype=torch.long)
+    first[1, :15], first[2, :28] = 0, 0
+    logits, caches = [], []
+    for sets in (True, False):
+        cache = make_cache(model, spec)
+        cache.use_sets(sets)
+        mask, out, used = first, [], 0
+        with torch.no_grad():
+            out.append(model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:])
+            for t in range(steps.shape[1]):
+                mask = torch.cat((mask, mask.new_ones(3, 1)), dim=1)
+                out.append(model(steps[:, t:t + 1], attention_mask=mask, past_key_values=cache).logits)
+                used += all(layer._rings is not None for layer in cache.layers)
+        assert used >= 25 if sets else used == 0
+        logits.append(torch.cat(out, 1))
+        caches.append(cache)
+    assert torch.equal(logits[0], logits[1])
+    for la, lb in zip(caches[0].layers, caches[1].layers):
+        for a, b in zip(la.segments, lb.segments):
+            assert a._head  # the rings really turned
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert torch.equal(a._pos, b._pos) and torch.equal(a._real, b._real)

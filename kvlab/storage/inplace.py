@@ -55,10 +55,11 @@ class InPlaceSteps:
 
     def ring_ready(self) -> bool:
         """The next one-token push is a ring step that needs nothing prepared first (the ring settled and
-        begins where it should, the sinks' originals kept, no padding): what a
+        begins where it should, the sinks' originals kept, no padding held): what a
         :class:`~kvlab.storage.rings.RingSet` may take over."""
-        return (self._valid is None and not self._room and self._ring_start() == self._start
-                and (self.prefix == 0 or (self._src_fixed and self._src is not None)))
+        padded = self._valid is not None
+        return ((not padded or self._pad_held == 0) and not self._room and self._ring_start() == self._start
+                and (self.prefix == 0 or (self._src is not None and (self._src_fixed or padded))))
 
     def _turn(self, key: torch.Tensor, value: torch.Tensor) -> bool:
         """The ring step: when one new token evicts exactly the oldest token after a fixed prefix (the

@@ -16,6 +16,11 @@ had stepped alone, so the set can be dropped at any time: a segment that does an
 tokens, padding, a beam reorder) gets tensors of its own again, and :meth:`RingSet.intact` says the set no longer
 holds.
 
+A padded batch (``model.generate`` on prompts of different lengths) steps as a set once its rows hold no padding,
+as each segment's own ring does then: a row's positions count its own real tokens (a count the segments share), and
+its sinks move to its own frame, so the set plans each row's rotations
+(:meth:`~kvlab.storage.rope.Rotary.shift_at_each`).
+
 The values written are those of the segments' own steps, bit for bit (tested): the same rows of the same
 cos/sin table, the same products and sums, rounded once to the cache's dtype.
 """
@@ -60,6 +65,7 @@ class RingSet:
         self.sinks = first.prefix
         self.rotary = first.rotary
         self.seen = first.seen
+        self.real = first._real  # (B, 1, 1) real tokens seen per row, once a padded batch holds none: else None
         b, _, _, d = first.stored()[0].shape
         sizes = [seg.stored()[0].shape[1] * seg.length for seg in segments]
         total = sum(sizes)
@@ -78,6 +84,7 @@ class RingSet:
             for view, t in zip(views, state):
                 view.copy_(t)
             seg.hand_over(*views)
+            seg._real = self.real  # the same count in every segment of a layer (they see the same passes): shared
             self._views.append(views)
             for j in range(h):
                 first_slot = off + j * n
@@ -103,25 +110,29 @@ class RingSet:
         self._planned = 0  # the step _slots[0] is for
         self._turned0 = [seg.ring()[1] for seg in segments]
         self._groups = [seg.group for seg in segments]  # a new budget (e.g. none: stop evicting) ends the set
-        self._prepared = None
+        self._prepared = self._sink_base = None
         if self.sinks:
             src = torch.cat([seg.sink_originals() for seg in segments], dim=1)  # (B, H, m, D) originals
             self._prepared = self.rotary.prepare(src)
+            if self.real is not None:  # a row's sink i, at true position p, sits at frame r - n + i: it moves by
+                # r + base, base (B, H, m) = i - n - p (fixed while the set holds: sinks never leave their slots)
+                pos = self.pos[:, self._sink_slots].view(b, -1, self.sinks)
+                self._sink_base = torch.arange(self.sinks, device=device) - self._lens.view(1, -1, 1) - pos
             rot = 2 * self.rotary.inv_freq.shape[0]
             self._k_rot = self.k[..., :rot]  # the rotated channels (partial rotary leaves the others)
 
     def reserved_nbytes(self) -> int:
         """The float32 copies of the segments' sink originals, and the next steps' slots and rotated sinks (the keys
         and values themselves are the segments' bytes, moved here)."""
-        return sum(t.nbytes for t in (self._prepared, self._slots, self._rotated) if t is not None)
+        return sum(t.nbytes for t in (self._prepared, self._slots, self._rotated, self._sink_base) if t is not None)
 
     def intact(self) -> bool:
         """Every segment still holds its views and its group (budget and scorer), and has taken no step of its own
         since the set's last step."""
         for seg, views, turned0, group in zip(self.segments, self._views, self._turned0, self._groups):
             _, turned, width = seg.ring()
-            if (seg.group is not group or not seg.holds(*views) or seg.seen != self.seen
-                    or turned != (turned0 + self._steps) % width):
+            if (seg.group is not group or not seg.holds(*views, padded=self.real is not None) or seg.seen != self.seen
+                    or turned != (turned0 + self._steps) % width or seg._real is not self.real):
                 return False
         return True
 
@@ -138,11 +149,16 @@ class RingSet:
             key, value = key.index_select(1, self.heads), value.index_select(1, self.heads)
         self.k.index_copy_(1, slots, key.reshape(b, -1, d))
         self.v.index_copy_(1, slots, value.reshape(b, -1, d))
-        self.pos.index_fill_(1, slots, self.seen)
+        if self.real is None:
+            self.pos.index_fill_(1, slots, self.seen)
+        else:  # positions count a row's real tokens
+            self.pos.index_copy_(1, slots, self.real.view(b, 1).expand(b, len(slots)))
+            self.real = self.real + 1
         self.seen += 1
         self._steps += 1
         for seg in self.segments:
             seg.advance()
+            seg._real = self.real
         if self.sinks:  # each head's sinks, at their frame positions after this step
             self._k_rot.index_copy_(1, self._sink_slots, self._rotated[i])
 
@@ -151,16 +167,20 @@ class RingSet:
         turns by one slot a step, and its sinks by one position, so each step then writes what was planned."""
         ahead = torch.arange(AHEAD, device=self._base.device)[:, None]  # (AHEAD, 1)
         self._slots = torch.remainder(self._phase + (ahead + self._steps), self._width).add_(self._base)
-        if self.sinks:  # the step from seen to seen + 1 rotates each head's sinks by seen + 1 - n
+        if self.sinks and self.real is None:  # the step from seen to seen + 1 rotates each head's sinks by seen + 1 - n
             pairs = self.rotary.pairs_each(ahead + (self.seen + 1) - self._lens, self.seen + AHEAD - self._min_len)
             self._rotated = self.rotary.shift_each(self._prepared, pairs).flatten(2, 3).to(self.k.dtype)
+        elif self.sinks:  # a padded batch's: each row's by its own r + 1 + base (r: its real tokens before the step)
+            delta = ahead.view(AHEAD, 1, 1, 1) + (self.real + 1) + self._sink_base  # (AHEAD, B, H, m)
+            rotated = self.rotary.shift_at_each(self._prepared, delta, self.seen + AHEAD)
+            self._rotated = rotated.flatten(2, 3).to(self.k.dtype)
         self._planned = self._steps
 
 
 def _kind(seg: Segment) -> tuple:
-    """What segments stepping as one must share: sinks, rotary, dtype, batch and tokens seen."""
+    """What segments stepping as one must share: sinks, rotary, dtype, batch, tokens seen, whether padded."""
     keys = seg.stored()[0]
-    return seg.prefix, seg.rotary, keys.dtype, keys.shape[0], seg.seen
+    return seg.prefix, seg.rotary, keys.dtype, keys.shape[0], seg.seen, seg._real is None
 
 
 def _ringable(storage: object) -> bool:

@@ -117,6 +117,18 @@ class Rotary:
             rows = torch.stack((ang.cos(), ang.sin()), dim=-2)[..., None, :]
         _sum_into(prepared * rows.movedim(-3, 0), out)  # rows: (2, B, h, m, 1, rot/2)
 
+    def shift_at_each(self, prepared: torch.Tensor, delta: torch.Tensor, top: int) -> torch.Tensor:
+        """The keys of ``prepared`` (:meth:`prepare` of ``(B, h, m, D)`` keys) rotated by ``delta (A, B, h, m)``
+        positions each (long, every value in ``[0, top]``, ``top`` a host int), ``A`` rotations at once: the rotated
+        channels ``(A, B, h, m, 2 * (rot/2))`` in float32. Bit for bit :meth:`shift_at` of each."""
+        half = self.inv_freq.shape[0]
+        if top < TABLE_POSITIONS:
+            rows = self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, 1, half)
+        else:
+            ang = delta.float()[..., None] * self._inv(delta.device)  # (A, B, h, m, rot/2)
+            rows = torch.stack((ang.cos(), ang.sin()), dim=-2)[..., None, :]
+        return (prepared * rows.movedim(-3, -6)).sum(-6).flatten(-2)  # rows: (A, 2, B, h, m, 1, rot/2)
+
     def pairs_each(self, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The cos and sin rows of ``delta (..., h)`` positions (long on the keys' device, every value in ``[0, top]``,
         ``top`` a host int), shaped for :meth:`shift_each`: ``(..., 2, h, rot/2)`` float32, read from the table (one
