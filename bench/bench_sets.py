@@ -29,6 +29,7 @@ import kvlab
 from kvlab.data import load_text, tokenize
 from kvlab.errors import KvlabError
 from kvlab.methods import build
+from kvlab.spec import without_profile
 
 OUT = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,7 +81,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         context = f"{r['context']}{' x 3, padded' if r.get('padded') else ''}"
-        lines.append(f"| `{r['impl']}` | {r['dtype']} | {context} | {r['sets_ms']} | {r['alone_ms']} | "
+        lines.append(f"| `{without_profile(r['impl'])}` | {r['dtype']} | {context} | {r['sets_ms']} | {r['alone_ms']} | "
                      f"{r['alone_over_sets']:.3f} | {r['set_layers']} / {r['layers']} | {r['max_logit_gap']:.2e} | "
                      f"{'yes' if r['same_greedy'] else 'no'} | {r['calls_sets']} / {r['calls_alone']} |")
     return "\n".join(lines)
