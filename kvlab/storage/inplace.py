@@ -86,10 +86,23 @@ class InPlaceSteps:
         self._refresh()
         return True
 
-    def advance(self) -> None:
-        """A ring step's bookkeeping, once its token is written: the ring turns, one more token was seen."""
+    def advance(self, real: torch.Tensor | None = None) -> None:
+        """A ring step's bookkeeping, once its token is written: the ring turns, one more token was seen (``real``: a
+        set's count of each row's real tokens now, in a padded batch, which its segments share)."""
         self._head = (self._head + 1) % (self.length - self._start)
+        self.slot_advance(real)
+
+    def slot_advance(self, real: torch.Tensor | None = None) -> None:
+        """A set's slot step's bookkeeping, once its token is written: one more token was seen (``real``: as for
+        :meth:`advance`)."""
         self.seen += 1
+        if real is not None:
+            self._real = real
+
+    @property
+    def real_seen(self) -> torch.Tensor | None:
+        """``(B, 1, 1)`` real tokens seen per row, once a padded batch arrived (positions count them); else None."""
+        return self._real
 
     def ring(self) -> tuple[int, int, int]:
         """``(first ring slot, slots the ring has turned by, ring length)`` of a ring-ready segment."""
@@ -131,11 +144,25 @@ class InPlaceSteps:
         """Keys, values ``(B, h, n, D)`` and true positions ``(B, h, n)`` as stored (a turned ring included)."""
         return self._k, self._v, self._pos
 
-    def hand_over(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
-        """Hold ``keys``, ``values`` and ``pos`` (views of a :class:`~kvlab.storage.rings.RingSet`'s buffers, holding
-        a copy of :meth:`stored_state`) instead of the segment's own tensors."""
+    def hand_over(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, scores: torch.Tensor | None = None,
+                  real: torch.Tensor | None = None) -> None:
+        """Hold ``keys``, ``values`` and ``pos`` (views of a :class:`~kvlab.storage.rings.RingSet`'s or
+        :class:`~kvlab.storage.slotsets.SlotSet`'s buffers, holding a copy of :meth:`stored_state`) instead of the
+        segment's own tensors; a slot set's view of the ``scores`` too (its slots then hold tokens in any order);
+        ``real``: the count of each row's real tokens that the set's segments share (a padded batch)."""
         self._k, self._v, self._pos = keys, values, pos
         self._prepared = None  # it held the former keys
+        if scores is not None:
+            self.scores, self._scrambled = scores, True  # time order: the sort of the positions
+        if real is not None:
+            self._real = real
+
+    def slot_ready(self) -> bool:
+        """The next one-token push is a slot step that needs nothing prepared first (the budget reached, no padding
+        held, no spare room): what a :class:`~kvlab.storage.slotsets.SlotSet` may take over."""
+        budget = self.group.budget
+        return (self.slots and self._k is not None and budget is not None and self.length == budget + 1
+                and not self._pad_held and not self._room)
 
     def holds(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, padded: bool = False) -> bool:
         """Whether the segment still holds exactly these tensors (what :meth:`hand_over` gave it), with no padding

@@ -65,7 +65,7 @@ class RingSet:
         self.sinks = first.prefix
         self.rotary = first.rotary
         self.seen = first.seen
-        self.real = first._real  # (B, 1, 1) real tokens seen per row, once a padded batch holds none: else None
+        self.real = first.real_seen  # (B, 1, 1) real tokens seen per row, once a padded batch holds none: else None
         b, _, _, d = first.stored()[0].shape
         sizes = [seg.stored()[0].shape[1] * seg.length for seg in segments]
         total = sum(sizes)
@@ -83,8 +83,7 @@ class RingSet:
             views = tuple(buf[:, off:off + size].view(b, h, n, *buf.shape[2:]) for buf in (self.k, self.v, self.pos))
             for view, t in zip(views, state):
                 view.copy_(t)
-            seg.hand_over(*views)
-            seg._real = self.real  # the same count in every segment of a layer (they see the same passes): shared
+            seg.hand_over(*views, real=self.real)  # the same count in every segment of a layer (the same passes)
             self._views.append(views)
             for j in range(h):
                 first_slot = off + j * n
@@ -132,7 +131,7 @@ class RingSet:
         for seg, views, turned0, group in zip(self.segments, self._views, self._turned0, self._groups):
             _, turned, width = seg.ring()
             if (seg.group is not group or not seg.holds(*views, padded=self.real is not None) or seg.seen != self.seen
-                    or turned != (turned0 + self._steps) % width or seg._real is not self.real):
+                    or turned != (turned0 + self._steps) % width or seg.real_seen is not self.real):
                 return False
         return True
 
@@ -157,8 +156,7 @@ class RingSet:
         self.seen += 1
         self._steps += 1
         for seg in self.segments:
-            seg.advance()
-            seg._real = self.real
+            seg.advance(self.real)
         if self.sinks:  # each head's sinks, at their frame positions after this step
             self._k_rot.index_copy_(1, self._sink_slots, self._rotated[i])
 
@@ -180,7 +178,7 @@ class RingSet:
 def _kind(seg: Segment) -> tuple:
     """What segments stepping as one must share: sinks, rotary, dtype, batch, tokens seen, whether padded."""
     keys = seg.stored()[0]
-    return seg.prefix, seg.rotary, keys.dtype, keys.shape[0], seg.seen, seg._real is None
+    return seg.prefix, seg.rotary, keys.dtype, keys.shape[0], seg.seen, seg.real_seen is None
 
 
 def _ringable(storage: object) -> bool:

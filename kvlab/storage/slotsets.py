@@ -59,28 +59,28 @@ class SlotSet:
         to prepare (its budget reached, no padding held, no spare room) and they agree on batch, dtype and tokens
         seen; else None. A padded batch's rows count their own real tokens for positions (``_real``, the same in
         every segment of a layer: they see the same passes), which the set then shares among them."""
-        first = storages[0]._k
-        if first is None:
+        if not all(s.slot_ready() for s in storages):
             return None
+        first, padded = storages[0].stored()[0], storages[0].real_seen is not None
         for s in storages:
-            if (s._k is None or s.group.budget is None or s.length != s.group.budget + 1 or s._pad_held
-                    or (s._real is None) != (storages[0]._real is None) or s._room or s.seen != storages[0].seen
-                    or s._k.shape[0] != first.shape[0] or s._k.dtype != first.dtype or s.scores is None):
+            keys = s.stored()[0]
+            if (s.seen != storages[0].seen or (s.real_seen is not None) != padded or s.scores is None
+                    or keys.shape[0] != first.shape[0] or keys.dtype != first.dtype):
                 return None
         return cls(storages)
 
     def __init__(self, segments: list[Segment]):
         self.segments = segments
         self.seen = segments[0].seen
-        self.real = segments[0]._real  # (B, 1, 1) real tokens seen per row, in a padded batch; else None
+        self.real = segments[0].real_seen  # (B, 1, 1) real tokens seen per row, in a padded batch; else None
         self.groups = [seg.group for seg in segments]
-        k0 = segments[0]._k
+        k0 = segments[0].stored()[0]
         b, d, device = k0.shape[0], k0.shape[-1], k0.device
         lens = [seg.length for seg in segments]
         n, h, width = sum(lens), len(segments), max(lens)
         self.k = k0.new_empty(b, n, d)  # (B, N, D): each head's slots in turn
         self.v = k0.new_empty(b, n, d)
-        self.pos = segments[0]._pos.new_empty(b, n)
+        self.pos = segments[0].stored_state()[2].new_empty(b, n)
         self.scores = torch.full((b, n + 1), -math.inf, device=device)  # the last entry: padding's score
         table = torch.full((b, h, width), n, dtype=torch.long, device=device)  # (B, H, L): slots in time order
         own = torch.zeros(h, 1, n, dtype=torch.bool, device=device)  # (H, 1, N): a head's own slots
@@ -95,17 +95,13 @@ class SlotSet:
                 view.copy_(t)
             scores = self.scores[:, off:off + m].view(b, 1, m)
             scores.copy_(seg.scores)
-            seg.hand_over(*views)
-            seg.scores = scores
-            seg._scrambled = True  # the set writes in any slot: its time order is the sort of its positions
-            seg._real = self.real
+            seg.hand_over(*views, scores=scores, real=self.real)
             self._views.append((*views, scores))
             own[i, :, off:off + m] = True
             off += m
         self.table = table
         self._away = ~own  # where a head's queries must not look
         self._pad = table == n  # (B, H, L): padding of the shorter heads' rows
-        self._lens = lens
         # a head's slice of its row, where it is shorter: its ranking must see exactly its own tokens
         self._uneven = [(i, width - m) for i, m in enumerate(lens)] if min(lens) < width else None
         self._shift = torch.tensor([width - m for m in lens], device=device).view(1, h, 1)
@@ -124,7 +120,7 @@ class SlotSet:
             return False
         for seg, (k, v, pos, scores), group in zip(self.segments, self._views, self.groups):
             if (seg.group is not group or not seg.holds(k, v, pos, padded=True) or seg.scores is not scores
-                    or seg.seen != self.seen or seg._real is not self.real):
+                    or seg.seen != self.seen or seg.real_seen is not self.real):
                 return False
         return True
 
@@ -154,8 +150,7 @@ class SlotSet:
         self._version = self.pos._version
         self.seen += 1
         for seg in self.segments:
-            seg.seen += 1
-            seg._real = self.real
+            seg.slot_advance(self.real)
 
     def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
         """The attention output ``(B, H*g, 1, D)`` of ``query (B, H*g, 1, D)`` (the layer's), each query head against
