@@ -109,25 +109,23 @@ class Rotary:
         ``delta (B, h, m)`` positions (long, every value in ``[0, top]``, ``top`` a host int), into ``out``
         (:meth:`rotated` of the destination): bit for bit :meth:`shift`, in three or four kernels (one gather of the
         table's rows for every key)."""
-        half = self.inv_freq.shape[0]
-        if top < TABLE_POSITIONS:
-            rows = self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, 1, half)
-        else:
-            ang = delta.float()[..., None] * self._inv(delta.device)  # (B, h, m, rot/2)
-            rows = torch.stack((ang.cos(), ang.sin()), dim=-2)[..., None, :]
-        _sum_into(prepared * rows.movedim(-3, 0), out)  # rows: (2, B, h, m, 1, rot/2)
+        _sum_into(prepared * self._rows_at(delta, top).movedim(-3, 0), out)  # rows: (2, B, h, m, 1, rot/2)
 
     def shift_at_each(self, prepared: torch.Tensor, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The keys of ``prepared`` (:meth:`prepare` of ``(B, h, m, D)`` keys) rotated by ``delta (A, B, h, m)``
         positions each (long, every value in ``[0, top]``, ``top`` a host int), ``A`` rotations at once: the rotated
         channels ``(A, B, h, m, 2 * (rot/2))`` in float32. Bit for bit :meth:`shift_at` of each."""
+        rows = self._rows_at(delta, top).movedim(-3, -6)  # (A, 2, B, h, m, 1, rot/2)
+        return (prepared * rows).sum(-6).flatten(-2)
+
+    def _rows_at(self, delta: torch.Tensor, top: int) -> torch.Tensor:
+        """The cos and sin rows of ``delta (...)`` positions (every value in ``[0, top]``): ``(..., 2, 1, rot/2)``
+        float32, gathered from the table (one gather for all of them) or computed beyond it."""
         half = self.inv_freq.shape[0]
         if top < TABLE_POSITIONS:
-            rows = self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, 1, half)
-        else:
-            ang = delta.float()[..., None] * self._inv(delta.device)  # (A, B, h, m, rot/2)
-            rows = torch.stack((ang.cos(), ang.sin()), dim=-2)[..., None, :]
-        return (prepared * rows.movedim(-3, -6)).sum(-6).flatten(-2)  # rows: (A, 2, B, h, m, 1, rot/2)
+            return self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, 1, half)
+        ang = delta.float()[..., None] * self._inv(delta.device)  # (..., rot/2)
+        return torch.stack((ang.cos(), ang.sin()), dim=-2)[..., None, :]
 
     def pairs_each(self, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The cos and sin rows of ``delta (..., h)`` positions (long on the keys' device, every value in ``[0, top]``,
