@@ -18,10 +18,11 @@ from kvlab.storage import SlotSet
 SPECS = ["adakv:budget=8,window=3,kernel=3", "adakv:budget=12,window=2,kernel=5,floor=0.5"]
 
 
-def _model(family: str = "llama", **extra) -> torch.nn.Module:
-    """A random model of 2 layers with 3 KV heads (so a layer's heads get unequal budgets)."""
-    config = AutoConfig.for_model(family, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=6, num_key_value_heads=3, head_dim=16, vocab_size=256,
+def _model(family: str = "llama", kv_heads: int = 3, **extra) -> torch.nn.Module:
+    """A random model of 2 layers with ``kv_heads`` KV heads (so a layer's heads get unequal budgets)."""
+    config = AutoConfig.for_model(family, hidden_size=32 * kv_heads, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads, head_dim=16,
+                                  vocab_size=256,
                                   max_position_embeddings=1024, **extra)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -73,6 +74,23 @@ def test_a_slot_set_keeps_what_each_head_keeps_alone(spec, dtype):
             assert torch.equal(seg.time_index, seg._pos.argsort(dim=-1))  # and the segment's, sorted anew
             off += n
         assert layer.reserved_nbytes() >= layer._slots.reserved_nbytes() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_more_heads_than_flat_heads_attend_head_by_head_on_a_cpu(dtype, monkeypatch):
+    """4 KV heads: on a CPU the set ranks and writes as one, but each head attends with its segment's own call, so the
+    logits are those of each head's own steps bit for bit; with one call for all (a GPU's way), within rounding."""
+    from kvlab.storage import slotsets
+
+    model = _model(kv_heads=4).to(dtype)
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(6))
+    alone, reference = _run(model, SPECS[0], False, ids)
+    for flat, tol in ((slotsets.FLAT_HEADS, 0.0), (4, 1e-5 if dtype == torch.float32 else 1e-2)):
+        monkeypatch.setattr(slotsets, "FLAT_HEADS", flat)
+        together, logits = _run(model, SPECS[0], True, ids)
+        assert all(isinstance(layer._slots, SlotSet) for layer in together.layers)
+        _same_tokens(together, alone)
+        assert (logits - reference).abs().max() <= tol
 
 
 def test_anything_but_a_decode_step_drops_the_set():

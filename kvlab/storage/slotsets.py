@@ -16,15 +16,18 @@ views of their part. A decode step then, for every head at once:
   part of its row, so ties break as in its own step;
 * writes the new keys, values and positions into the chosen slots and carries the time order along;
 * attends with one call: every query head against the ``N`` flat keys, those of other KV heads masked out. That
-  computes ``H`` times the products one head needs, but reads each key once; on a CPU, for SmolLM2's 3 KV heads of
-  about 1,000 tokens each, it takes 0.79x the time of 3 calls in float32 and 0.76x in bf16 (one core).
+  computes ``H`` times the products one head needs, but reads each key once and launches a few kernels for the
+  layer. On a CPU it pays for few heads only (one core, float32, about 1,000 tokens a head: 0.74x the time of one
+  call per head at 3 KV heads of 64 channels, 1.13x at 4, 2.1x at 8 of 128), so there a layer of more than
+  :data:`FLAT_HEADS` KV heads attends head by head, each call the segment's own (the same bits).
 
 The set's results are those of the segments' own steps up to float rounding: the same products, but the softmax
-and the output sum over the ``N`` keys with exact zeros for other heads' keys, in another order (the same class of
-difference as between a slot step and a copying step; tested). Each segment keeps its bookkeeping (``seen``, its
-scores as a view of the set's) as if it had stepped alone, and re-sorts its time order from its positions when asked,
-so the set can be dropped at any time: a segment that does anything else (a chunk, padding, a beam reorder) steps
-on its own, in its views or in new tensors once it copies, and :meth:`SlotSet.intact` says the set no longer holds.
+and the output of one call sum over the ``N`` keys with exact zeros for other heads' keys, in another order (the
+same class of difference as between a slot step and a copying step; tested); head by head, the same bits. Each
+segment keeps its bookkeeping (``seen``, its scores as a view of the set's) as if it had stepped alone, and re-sorts
+its time order from its positions when asked, so the set can be dropped at any time: a segment that does anything
+else (a chunk, padding, a beam reorder) steps on its own, in its views or in new tensors once it copies, and
+:meth:`SlotSet.intact` says the set no longer holds.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import math
 
 import torch
 
+from kvlab.storage.attention import attend
 from kvlab.storage.base import Storage, left_out
 from kvlab.storage.dense import Segment
 
 LEAST = 2  # the fewest one-head segments worth a set
+FLAT_HEADS = 3  # on a CPU, the most KV heads that attend in one call (see the module docstring); any on a GPU
 
 
 class SlotSet:
@@ -154,8 +159,10 @@ class SlotSet:
 
     def attend(self, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
         """The attention output ``(B, H*g, 1, D)`` of ``query (B, H*g, 1, D)`` (the layer's), each query head against
-        its KV head's kept tokens, in one call; each key's probability (the mean over its head's queries) becomes
-        its score."""
+        its KV head's kept tokens; each key's probability (the mean over its head's queries) becomes its score. In
+        one call, or on a CPU beyond :data:`FLAT_HEADS` heads head by head."""
+        if self.k.device.type == "cpu" and len(self.segments) > FLAT_HEADS:
+            return self._attend_each(query, scaling, softcap)
         b, hq, _, d = query.shape
         h, n = self._away.shape[0], self.k.shape[1]
         g = hq // h
@@ -168,6 +175,17 @@ class SlotSet:
         out = (probs.to(self.v.dtype) @ self.v).view(b, hq, 1, d)
         torch.sum(probs, dim=1, out=self.scores[:, :n]).div_(g)  # other heads' probabilities are exact zeros
         return out
+
+    def _attend_each(self, query: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+        """:meth:`attend` head by head, each call what the segment's own attention computes."""
+        g = query.shape[1] // len(self.segments)
+        outs = []
+        for i, (k, v, _, scores) in enumerate(self._views):
+            out, received = attend(query.narrow(1, i * g, g), k, v, scaling=scaling, softcap=softcap, need_probs=True,
+                                   observed=self.segments[i].observed, own=False)
+            scores.copy_(received)  # (observed scores: replaced whole)
+            outs.append(out)
+        return torch.cat(outs, dim=1)
 
 
 class _Ranked:
