@@ -133,11 +133,9 @@ def test_a_segment_stepping_alone_breaks_the_set():
     assert not rings.intact()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_aware_steps_its_local_windows_as_one_set(tmp_path, dtype):
-    """Head-aware's local heads of a layer each have their own window; their decode steps go as one set (36
-    steps: the set plans its steps again and again) and the logits are those of stepping every group alone, bit
-    for bit, in float32 and bf16; a chunk drops the sets."""
+def _local_windows(tmp_path, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """A random Llama of 2 layers and 4 KV heads, and a head-aware spec whose every head is local, each with a
+    window of its own."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
@@ -146,7 +144,15 @@ def test_head_aware_steps_its_local_windows_as_one_set(tmp_path, dtype):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     path = round_robin_profile(model, tmp_path, classes=lambda layer, head: "local",
                                locality=lambda layer, head: 0.1 + 0.2 * head)
-    spec = f"head-aware:budget=10,profile={path},sinks=2,recent=2"
+    return model, f"head-aware:budget=10,profile={path},sinks=2,recent=2"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_aware_steps_its_local_windows_as_one_set(tmp_path, dtype):
+    """Head-aware's local heads of a layer each have their own window; their decode steps go as one set (36
+    steps: the set plans its steps again and again) and the logits are those of stepping every group alone, bit
+    for bit, in float32 and bf16; a chunk drops the sets."""
+    model, spec = _local_windows(tmp_path, dtype)
     ids = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(3))
     logits, caches = [], []
     for sets in (True, False):
@@ -180,15 +186,7 @@ def test_a_padded_batch_steps_its_local_windows_as_one_set(tmp_path, dtype):
     """Left-padded rows of 40, 25 and 12 tokens: once the rows hold no padding, head-aware's local windows step as
     one set, each row's positions counting its own real tokens and its sinks moving to its own frame; the logits,
     keys and positions are those of stepping every window alone, bit for bit."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-                         intermediate_size=128, vocab_size=256, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
-    path = round_robin_profile(model, tmp_path, classes=lambda layer, head: "local",
-                               locality=lambda layer, head: 0.1 + 0.2 * head)
-    spec = f"head-aware:budget=10,profile={path},sinks=2,recent=2"
+    model, spec = _local_windows(tmp_path, dtype)
     g = torch.Generator().manual_seed(3)
     ids, steps = torch.randint(1, 256, (3, 40), generator=g), torch.randint(1, 256, (3, 30), generator=g)
     first = torch.ones(3, 40, dtype=torch.long)
