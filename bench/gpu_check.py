@@ -13,7 +13,8 @@ It runs, and writes ``$OUT/gpu_check.json`` and ``$OUT/gpu_check.md`` (``--out``
    and quantized specs under CUDA's sync debug mode "error": none may wait for the device;
 2. one-pass prefill time and decode ms per token at 8k and 32k context, batch 1 and 8, for plain transformers
    (sdpa, DynamicCache) and kvlab ``full``, ``streaming``, ``h2o``, ``head-aware``, ``haq`` (``rope=pre`` and
-   ``rope=post``), ``snapkv`` and ``adakv`` (budget 1024; a round-robin head profile; ``--methods`` picks some),
+   ``rope=post``), ``snapkv``, ``adakv`` and ``adakv-alone`` (its heads stepping alone, not as one set: what the
+   set saves in launches) (budget 1024; a round-robin head profile; ``--methods`` picks some),
    on Llama-3.1-8B's config at full depth, with the Python-level torch calls of one decode step (about one kernel
    launch each: at batch 1 a step's launches, not its bytes, can set its time);
 3. the peak GPU memory of each, minus the weights.
@@ -58,7 +59,8 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
 METHODS = {"full": "full", "streaming": "streaming:sinks=4,window=1020", "h2o": "h2o:budget=1024,recent=256",
            "head-aware": "head-aware:budget=1024,profile={p}", "haq": "haq:budget=1024,profile={p},bits=8/4/2",
            "haq-post": "haq:budget=1024,profile={p},bits=8/4/2,rope=post", "snapkv": "snapkv:budget=1024",
-           "adakv": "adakv:budget=1024"}
+           "adakv": "adakv:budget=1024", "adakv-alone": "adakv:budget=1024"}
+ALONE = "-alone"  # a name ending so: the same spec, each segment stepping alone (KVCache.use_sets(False))
 
 
 def build(cfg: dict, layers: int | None, device: str, dtype: torch.dtype, smoke: bool) -> torch.nn.Module:
@@ -169,8 +171,10 @@ def decode_syncs(model: torch.nn.Module, spec: str, ids: torch.Tensor, device: s
     return {"host_syncs": found, "ok": found in ("none", "not checked (CPU)")}
 
 
-def speed(model: torch.nn.Module, impl: str, context: int, batch: int, steps: int, device: str) -> dict:
-    """One-pass prefill seconds, decode ms per token (median of ``steps``), peak memory minus the weights."""
+def speed(model: torch.nn.Module, impl: str, context: int, batch: int, steps: int, device: str,
+          sets: bool = True) -> dict:
+    """One-pass prefill seconds, decode ms per token (median of ``steps``), peak memory minus the weights; ``sets``
+    False: every segment steps alone."""
     from transformers import DynamicCache
 
     import kvlab
@@ -182,6 +186,8 @@ def speed(model: torch.nn.Module, impl: str, context: int, batch: int, steps: in
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     cache = DynamicCache(config=model.config) if impl == "sdpa" else kvlab.make_cache(model, impl)
+    if not sets:
+        cache.use_sets(False)
     if impl == "sdpa" and model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
     sync(device)
@@ -238,7 +244,8 @@ def main() -> None:
                 if args.smoke:
                     spec = spec.replace("1020", "60").replace("1024", "64").replace("256", "16")
                 row = {"context": context, "batch": batch, "impl": impl,
-                       **speed(model, spec, context, batch, 3 if args.smoke else args.steps, device)}
+                       **speed(model, spec, context, batch, 3 if args.smoke else args.steps, device,
+                               sets=not impl.endswith(ALONE))}
                 report["speed"].append(row)
                 print(json.dumps(row), flush=True)
                 (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))

@@ -32,6 +32,8 @@ def test_the_smoke_run_measures_every_method_with_its_torch_calls(tmp_path):
         rows = [r for r in report["speed"] if (r["context"], r["batch"]) == (context, batch)]
         assert [r["impl"] for r in rows] == ["sdpa", *METHODS]  # issue 12's methods included (haq-post, snapkv, adakv)
         assert all(r["finite"] and r["decode_ms"] > 0 and r["torch_calls"] > 0 for r in rows)
+        calls = {r["impl"]: r["torch_calls"] for r in rows}
+        assert calls["adakv"] < calls["adakv-alone"]  # its heads step as one set: fewer launches than alone
     assert "torch calls per step" in (tmp_path / "gpu_check.md").read_text()
 
 
