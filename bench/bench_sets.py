@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         context = f"{r['context']}{' x 3, padded' if r.get('padded') else ''}"
-        lines.append(f"| `{without_profile(r['impl'])}` | {r['dtype']} | {context} | {r['sets_ms']} | {r['alone_ms']} | "
+        lines.append(f"| `{without_profile(r['impl'])}` | {r['dtype']} | {context} | {r['sets_ms']} | "
+                     f"{r['alone_ms']} | "
                      f"{r['alone_over_sets']:.3f} | {r['set_layers']} / {r['layers']} | {r['max_logit_gap']:.2e} | "
                      f"{'yes' if r['same_greedy'] else 'no'} | {r['calls_sets']} / {r['calls_alone']} |")
     return "\n".join(lines)
@@ -130,4 +132,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KvlabError as exc:  # what only the model can say (an unknown model, a budget its heads cannot take)
+        print(f"bench_sets.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -36,7 +36,7 @@ def test_a_padded_batch_steps_as_sets_too(smollm2):
 
 def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path):
     for args, says in ((["--methods", "nosuch:budget=1"], "unknown method 'nosuch'"), (["--steps", "0"], "--steps"),
-                       (["--dtypes", "float64"], "--dtypes")):
+                       (["--dtypes", "float64"], "--dtypes"), (["--model", "nosuch-model"], "unknown model")):
         run = subprocess.run([sys.executable, str(BENCH / "bench_sets.py"), *args, "--out", str(tmp_path / "r")],
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and "Traceback" not in run.stderr
