@@ -42,3 +42,17 @@ def test_bad_arguments_are_one_error_line_before_any_model_loads(tmp_path):
         assert run.returncode == 2 and "Traceback" not in run.stderr
         assert says in run.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_set_attention_benchmark_times_both_ways_of_one_set(monkeypatch):
+    """bench/bench_set_attention.py's set forms, and its two ways give the same attention (within rounding)."""
+    from kvlab.storage import slotsets
+
+    bench = load("bench_set_attention")
+    s = bench.slot_set(3, 16)
+    query = torch.randn(1, 3 * bench.G, 1, 16, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for flat in (3, 2):  # one call, then head by head
+        monkeypatch.setattr(slotsets, "FLAT_HEADS", flat)
+        outs.append(s.attend(query, 0.25))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
