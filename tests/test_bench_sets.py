@@ -50,7 +50,7 @@ def test_the_set_attention_benchmark_times_both_ways_of_one_set(monkeypatch):
 
     bench = load("bench_set_attention")
     s = bench.slot_set(3, 16)
-    query = torch.randn(1, 3 * bench.G, 1, 16, generator=torch.Generator().manual_seed(0))
+    query = torch.randn(1, 3 * 2, 1, 16, generator=torch.Generator().manual_seed(0))
     outs = []
     for flat in (3, 2):  # one call, then head by head
         monkeypatch.setattr(slotsets, "FLAT_HEADS", flat)
