@@ -17,9 +17,10 @@ views of their part. A decode step then, for every head at once:
 * writes the new keys, values and positions into the chosen slots and carries the time order along;
 * attends with one call: every query head against the ``N`` flat keys, those of other KV heads masked out. That
   computes ``H`` times the products one head needs, but reads each key once and launches a few kernels for the
-  layer. On a CPU it pays for few heads only (one core, float32, about 1,000 tokens a head: 0.74x the time of one
-  call per head at 3 KV heads of 64 channels, 1.13x at 4, 2.1x at 8 of 128), so there a layer of more than
-  :data:`FLAT_HEADS` KV heads attends head by head, each call the segment's own (the same bits).
+  layer. On a CPU it pays for few heads only (``bench/bench_set_attention.py``, one core, float32, 700 to 1,300
+  tokens a head: 0.80-0.95x the time of one call per head at 2 KV heads, 0.87-1.16x at 3, 0.91-1.22x at 4,
+  1.31-1.88x at 8), so there a layer of more than :data:`FLAT_HEADS` KV heads attends head by head, each call the
+  segment's own (the same bits).
 
 The set's results are those of the segments' own steps up to float rounding: the same products, but the softmax
 and the output of one call sum over the ``N`` keys with exact zeros for other heads' keys, in another order (the
