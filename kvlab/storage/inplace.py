@@ -36,6 +36,13 @@ PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # the dense segment's tens
 ROOM = 64  # tokens of spare room, at least, when keys and values grow (see "Room to grow")
 
 
+def later(order: torch.Tensor, gone: torch.Tensor, slot: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A time order ``(..., n)`` of slots after a slot step: ``order`` without its entry at index ``gone (..., 1)`` (the
+    evicted token), then ``slot (..., 1)``, which now holds the newest token; ``index``: ``arange(n - 1)``. Three
+    kernels, no sort and no read from the device."""
+    return torch.cat((torch.where(index < gone, order[..., :-1], order[..., 1:]), slot), dim=-1)
+
+
 class InPlaceSteps:
     """The in-place steps of :class:`kvlab.storage.dense.Segment` (whose state they read and write)."""
 
@@ -127,13 +134,11 @@ class InPlaceSteps:
         return self._pos if self._valid is None else self._pos.masked_fill(~self._valid, -1)
 
     def _later(self, order: torch.Tensor, gone: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """The time order ``(B, h, n)`` after a slot step: ``order`` without its entry at index ``gone (B, h, 1)``
-        (the evicted token), then ``slot (B, h, 1)``, which now holds the newest token. Three kernels, no sort and no
-        read from the device."""
+        """The time order ``(B, h, n)`` after a slot step (:func:`later`)."""
         n = order.shape[-1]
         if self._index is None or self._index.shape[0] != n - 1 or self._index.device != order.device:
             self._index = torch.arange(n - 1, device=order.device)
-        return torch.cat((torch.where(self._index < gone, order[..., :-1], order[..., 1:]), slot), dim=-1)
+        return later(order, gone, slot, self._index)
 
     def stored(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Keys, values and validity as stored (a turned ring, slot writes): for attention without a mask and for

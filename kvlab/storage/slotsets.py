@@ -40,6 +40,7 @@ import torch
 from kvlab.storage.attention import attend
 from kvlab.storage.base import Storage, left_out
 from kvlab.storage.dense import Segment
+from kvlab.storage.inplace import later
 
 LEAST = 2  # the fewest one-head segments worth a set
 FLAT_HEADS = 3  # on a CPU, the most KV heads that attend in one call (see the module docstring); any on a GPU
@@ -151,8 +152,7 @@ class SlotSet:
         else:  # positions count a row's real tokens
             self.pos.scatter_(1, victim, self.real.view(b, 1).expand(b, h))
             self.real = self.real + 1
-        self.table = torch.cat((torch.where(self._index < gone, self.table[..., :-1], self.table[..., 1:]),
-                                victim[..., None]), dim=-1)
+        self.table = later(self.table, gone, victim[..., None], self._index)
         self._version = self.pos._version
         self.seen += 1
         for seg in self.segments:
