@@ -67,7 +67,7 @@ def compare(model, ids: torch.Tensor, spec: str, context: int, steps: int, mask:
     on, off = statistics.median(times[True]), statistics.median(times[False])
     a, b = torch.cat(logits[True]), torch.cat(logits[False])
     layers = caches[True].layers
-    as_sets = sum(layer._slots is not None or layer._rings is not None for layer in layers)
+    as_sets = sum(layer.stepped_as_set for layer in layers)
     return {"impl": spec, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "context": context,
             "batch": ids.shape[0], "padded": mask is not None, "steps": steps, "sets_ms": round(1000 * on, 2),
             "alone_ms": round(1000 * off, 2), "alone_over_sets": round(off / on, 3), "set_layers": as_sets,

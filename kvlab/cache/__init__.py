@@ -1,9 +1,9 @@
 """The one package that touches transformers' cache and attention internals (transformers 5.20-5.23).
 
-* :mod:`kvlab.cache.kvcache` — :class:`KVLayer`, a ``CacheLayerMixin`` holding one
-  :class:`~kvlab.storage.Storage` per head group, and :class:`KVCache`, a ``transformers.Cache`` of
-  KVLayers with byte accounting; pass it to ``model.generate(past_key_values=cache)`` or to a
-  hand-written forward loop.
+* :mod:`kvlab.cache.layer` — :class:`KVLayer`, a ``CacheLayerMixin`` holding one
+  :class:`~kvlab.storage.Storage` per head group, which evicts, appends and attends.
+* :mod:`kvlab.cache.kvcache` — :class:`KVCache`, a ``transformers.Cache`` of KVLayers with byte
+  accounting; pass it to ``model.generate(past_key_values=cache)`` or to a hand-written forward loop.
 * :mod:`kvlab.cache.joined` — :class:`JoinedCache`, a cache whose tokens also attend to every token
   another cache kept (the target side of group positions in streaming translation).
 * :mod:`kvlab.cache.attention` — :func:`kvlab_attention` / :func:`kvlab_mask`, the attention
@@ -25,7 +25,8 @@ from transformers import PreTrainedModel
 
 from kvlab.cache.attention import ATTN_NAME, kvlab_attention, kvlab_mask, use_kvlab_attention
 from kvlab.cache.joined import JoinedCache
-from kvlab.cache.kvcache import KVCache, KVLayer
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.layer import KVLayer
 from kvlab.errors import KvlabError
 from kvlab.families import check_supported, layer_infos, layer_kinds, rope_layers
 from kvlab.methods.base import Method

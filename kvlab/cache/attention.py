@@ -12,7 +12,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvlab.cache.kvcache import tagged_layer
+from kvlab.cache.layer import tagged_layer
 from kvlab.errors import KvlabError
 
 ATTN_NAME = "kvlab"

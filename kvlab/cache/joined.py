@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvlab.cache.kvcache import KVCache, KVLayer, tag
+from kvlab.cache.kvcache import KVCache
+from kvlab.cache.layer import KVLayer, tag
 from kvlab.errors import KvlabError
 
 
