@@ -110,15 +110,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         else:
             rows_ = stop - start
             qg = block.reshape(b, h, g * rows_, -1)  # (B, h, g*b, D): a KV head's queries together
-            logits = (qg @ keys.transpose(-1, -2)).float()  # (B, h, g*b, n): the block, transformed in place below
-            logits.mul_(scaling)
-            if softcap is not None:
-                logits.div_(softcap).tanh_().mul_(softcap)
-            if mask is not None:
-                logits.view(b, h, g, rows_, n).masked_fill_(~(mask if mask.dim() == 2 else mask[:, :, None]),
-                                                            -math.inf)
-            probs = logits.softmax(dim=-1).view(b, h, g, rows_, n)
-            del logits
+            hidden = None if mask is None else ~(mask if mask.dim() == 2 else mask[:, :, None])
+            probs = probabilities(qg, keys, scaling, softcap, hidden, (b, h, g, rows_, n)).view(b, h, g, rows_, n)
             res = (probs.view(b, h, g * rows_, n).to(values.dtype) @ values).view(b, h * g, rows_, -1)
             if need_probs:  # one query: its probabilities are the sum (a copy saved)
                 got = probs.mean(dim=2)
@@ -129,3 +122,19 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, sca
         else:
             out[:, :, start:stop] = res
     return out, received
+
+
+def probabilities(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None = None,
+                  hidden: torch.Tensor | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The attention probabilities of ``query (..., m, D)`` over ``keys (..., n, D)`` (leading axes broadcasting):
+    ``(..., m, n)`` float32. Logits in the model's dtype (the product), then in float32 scaled, soft-capped
+    (``softcap``), masked where ``hidden`` (bool, True = not seen; it broadcasts to the logits viewed as ``shape``)
+    and soft-maxed, each step in place: the explicit path of :func:`attend`, and of a slot set's one call over its
+    heads' flat keys (:mod:`kvlab.storage.slotsets`)."""
+    logits = (query @ keys.transpose(-1, -2)).float()
+    logits.mul_(scaling)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    if hidden is not None:
+        logits.view(shape).masked_fill_(hidden, -math.inf)
+    return logits.softmax(dim=-1)

@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from kvlab.storage.attention import attend
+from kvlab.storage.attention import attend, probabilities
 from kvlab.storage.base import Storage, left_out
 from kvlab.storage.dense import Segment
 from kvlab.storage.inplace import later
@@ -167,12 +167,8 @@ class SlotSet:
         b, hq, _, d = query.shape
         h, n = self._away.shape[0], self.k.shape[1]
         g = hq // h
-        logits = (query.reshape(b, hq, d) @ self.k.transpose(1, 2)).float()  # (B, H*g, N)
-        logits.mul_(scaling)
-        if softcap is not None:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        logits.view(b, h, g, n).masked_fill_(self._away, -math.inf)
-        probs = logits.softmax(dim=-1)
+        # (B, H*g, N): every query head against every head's keys, other heads' masked out
+        probs = probabilities(query.reshape(b, hq, d), self.k, scaling, softcap, self._away, (b, h, g, n))
         out = (probs.to(self.v.dtype) @ self.v).view(b, hq, 1, d)
         torch.sum(probs, dim=1, out=self.scores[:, :n]).div_(g)  # other heads' probabilities are exact zeros
         return out
