@@ -178,7 +178,14 @@ class Rotary:
         k = keys.float()
         k1, k2 = k[..., :half], k[..., half:2 * half]
         out = torch.empty(keys.shape, dtype=dtype, device=keys.device) if out is None else out
-        if sign > 0:
+        if out.dtype == torch.float32:  # the same products and sums, written straight into out: one temporary
+            o1, o2 = out[..., :half], out[..., half:2 * half]
+            first, second = (torch.sub, torch.add) if sign > 0 else (torch.add, torch.sub)
+            tmp = k2 * sin
+            first(torch.mul(k1, cos, out=o1), tmp, out=o1)  # k1 cos -+ k2 sin
+            torch.mul(k1, sin, out=tmp)
+            second(torch.mul(k2, cos, out=o2), tmp, out=o2)  # k2 cos +- k1 sin
+        elif sign > 0:
             torch.sub(k1 * cos, k2 * sin, out=out[..., :half])
             torch.add(k2 * cos, k1 * sin, out=out[..., half:2 * half])
         else:  # cos(-a) = cos(a) and sin(-a) = -sin(a), bit for bit
