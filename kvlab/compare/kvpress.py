@@ -5,9 +5,9 @@ kvpress 0.5.5 needs transformers < 5.3, so it lives in its own venv (``make kvpr
 every input here, sends the token ids (and the text) as one JSON request, and reads back one JSON line per
 (press, ratio, sample). Both libraries therefore see identical ids, from the same model folder.
 
-This module holds the samples and the evaluation; the venv and the subprocess are
-:mod:`kvlab.compare.kvpress_driver`, the answer lines as metrics and rows :mod:`kvlab.compare.kvpress_results`
-(their public names are importable from here too).
+This module makes the samples (:mod:`kvlab.compare.samples`) and holds the evaluation; the venv and the
+subprocess are :mod:`kvlab.compare.kvpress_driver`, the answer lines as metrics and rows
+:mod:`kvlab.compare.kvpress_results` (their public names, and the samples', are importable from here too).
 
     samples = passkey_samples(tokenizer, n=3, context_tokens=1024)
     results = run_kvpress("/path/model", "qa", samples, ["SnapKVPress", "AdaKVPress(SnapKVPress)"], [0.5])
@@ -29,31 +29,13 @@ from typing import Any
 
 from kvlab.compare.kvpress_driver import PROTOCOL, build_request, kvpress_python, run_worker  # noqa: F401
 from kvlab.compare.kvpress_results import HIGHER_IS_BETTER, aggregate, summarize, to_rows  # noqa: F401
+from kvlab.compare.samples import PplSample, QASample  # noqa: F401 - importable from here, as before
 from kvlab.errors import KvlabError
 
 PRESSES = ("StreamingLLMPress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "ObservedAttentionPress",
            "ExpectedAttentionPress", "AdaKVPress(SnapKVPress)", "KnormPress", "KeyDiffPress")
 TASKS = ("passkey", "ppl")
 PASSKEY_QUESTION = "What is the pass key?"
-
-
-@dataclass
-class QASample:
-    """A question about a context; ``*_ids`` are what both libraries feed (the text is for reading)."""
-
-    context: str
-    question: str
-    answer: str
-    context_ids: list[int]
-    question_ids: list[int]
-
-
-@dataclass
-class PplSample:
-    """A context to prefill (and compress) and the continuation scored on the compressed cache."""
-
-    context_ids: list[int]
-    continuation_ids: list[int]
 
 
 @dataclass

@@ -16,12 +16,11 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvlab.compare.samples import PplSample, QASample
 from kvlab.errors import KvlabError
 
-if TYPE_CHECKING:
-    from kvlab.compare.kvpress import PplSample, QASample
 
 PROTOCOL = 1
 WORKER = Path(__file__).with_name("kvpress_worker.py")
