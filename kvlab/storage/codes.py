@@ -25,7 +25,7 @@ import torch
 from kvlab.device import HostCopy
 from kvlab.errors import KvlabError
 from kvlab.quant import BITS, finite, overflow, pack, quantize, quantize_codes, scales_finite
-from kvlab.storage.base import gather_tokens
+from kvlab.storage.tokens import gather_tokens
 
 PER_TOKEN = ("kcodes", "vcodes", "vscale", "vzero", "kblock", "kpos")  # tensors with one entry per token (axis 2)
 ALL = PER_TOKEN + ("kscale", "kzero")

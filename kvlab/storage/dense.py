@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 
 from kvlab.storage.attention import attend
-from kvlab.storage.base import Storage, gather_tokens, keep_indices, order
+from kvlab.storage.plan import Storage
+from kvlab.storage.tokens import gather_tokens, keep_indices, order
 from kvlab.storage.frames import FramePositions
 from kvlab.storage.inplace import PER_TOKEN, InPlaceSteps
 from kvlab.storage.plan import Group

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.storage.base import gather_tokens
+from kvlab.storage.tokens import gather_tokens
 
 
 class FramePositions:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.storage.base import gather_tokens, left_out
+from kvlab.storage.tokens import gather_tokens, left_out
 
 PER_TOKEN = ("_k", "_v", "_pos", "_valid", "scores")  # the dense segment's tensors with a token axis 2
 ROOM = 64  # tokens of spare room, at least, when keys and values grow (see "Room to grow")

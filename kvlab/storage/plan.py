@@ -1,22 +1,28 @@
-"""What the storage needs from a method: the layer it plans for, head groups, and a scorer.
+"""The contract between a method and the storage: the layer it plans for, head groups, a scorer, and the storage
+the scorer reads.
 
 Imports point one way: :mod:`kvlab.methods` builds these plain types; the storage reads them and
 never imports a method. A method is a :class:`Scorer` to the storage: it may pick the tokens to keep
 by contiguous runs (positional methods) or by a score per token, and says whether positions are
 re-indexed and whether attention probabilities must be accumulated for it.
+
+:class:`Storage` is the one interface :mod:`kvlab.cache` uses; :func:`kvlab.storage.make_segment` picks
+the implementation for a :class:`Group` (dense for 16 bits, KIVI-quantized below).
+Batch rows may carry padding: ``push`` takes the validity of the new tokens, a row keeps exactly the
+tokens it would keep alone (padding never counts against a budget) and attention never reads padding.
+The three types refer to each other (a storage holds a group, whose scorer scores a storage), so they live here
+together.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from kvlab.errors import KvlabError
-
-if TYPE_CHECKING:
-    from kvlab.storage.base import Storage
 
 GROUP_SIZE = 32  # tokens per key-scale block of quantized storage (KIVI's G)
 RESIDUAL = 32  # newest tokens a quantized group keeps in full precision (KIVI's R)
@@ -107,6 +113,90 @@ class QuantGroup(Group):
             raise KvlabError(f"rope=post keeps each quantized key at the position the model rotated it at: it cannot "
                              f"re-index the tokens {type(self.scorer).__name__} keeps (chosen by score, or quantized "
                              "sinks); use rope=pre or reindex=0")
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """The kept tokens of one group of KV heads of one layer."""
+
+    group: Group
+    heads: torch.Tensor  # (h,) long: the KV heads of the layer this storage holds
+    scores: torch.Tensor | None  # (B, h, n) float32 attention received, for scorers that need it
+
+    @property
+    def length(self) -> int:
+        """Tokens held per row and head (padding included)."""
+        ...
+
+    @property
+    def age(self) -> torch.Tensor:
+        """How recent each kept token is: ``age < k`` marks a row's ``k`` newest; ``(n,)`` or ``(B, h, n)``."""
+        ...
+
+    @property
+    def order(self) -> torch.Tensor:
+        """Each kept token's index among its row's real kept tokens (time order): ``(n,)`` or ``(B, h, n)`` (or
+        ``(B, 1, n)``, the same for every head)."""
+        ...
+
+    @property
+    def time_index(self) -> torch.Tensor | None:
+        """None when the kept tokens are stored in time order; else ``(B, h, n)``, the stored slots in time order
+        (a decode step may write a new token in an evicted token's slot: :mod:`kvlab.storage.inplace`)."""
+        ...
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values ``(B, h, n, D)`` and validity ``(B, h, n)`` (None: no padding) in the order of ``scores``,
+        ``age`` and :attr:`time_index`, without reordering anything: what an order-free scorer reads."""
+        ...
+
+    def length_after_compress(self) -> int:
+        """Tokens held once evicted down to the budget, before the next tokens arrive."""
+        ...
+
+    def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Evict down to the budget, then add ``(B, h, q, D)`` new keys (rotated at their true positions)
+        and values; ``valid (B, q)`` bool marks real tokens (None: all real)."""
+        ...
+
+    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
+               prefix: Storage | None = None) -> torch.Tensor:
+        """Attention of ``query (B, h*g, q, D)`` over the kept tokens, the last ``q`` of which are the
+        queries' own; ``prefix``'s kept tokens come first and are seen by every query."""
+        ...
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys at their (frame) positions, values ``(B, h, n, D)`` in time order, validity ``(B, h, n)``."""
+        ...
+
+    def nbytes(self) -> int:
+        """Bytes held by the kept keys and values (and whatever else the storage needs to rebuild them)."""
+        ...
+
+    def source_nbytes(self) -> int:
+        """The part of :meth:`nbytes` that keeps exact originals of moved keys (no drift in low precision)."""
+        ...
+
+    def reserved_nbytes(self) -> int:
+        """Bytes held beside :meth:`nbytes` and outside the budget: spare room to grow into, float32 copies that a
+        step reads."""
+        ...
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-axis reorder / repeat / select to every stored tensor."""
+        ...
+
+    def compress(self) -> None:
+        """Evict down to the budget now, appending nothing."""
+        ...
+
+    def drop_last(self) -> None:
+        """Forget the newest token (valid right after the forward pass that appended it)."""
+        ...
+
+    def clear(self) -> None:
+        """Forget every token."""
+        ...
 
 
 def check_rope(rope: str) -> None:

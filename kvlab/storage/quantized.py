@@ -49,7 +49,8 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.storage.attention import attend
-from kvlab.storage.base import Storage, keep_indices, order
+from kvlab.storage.plan import Storage
+from kvlab.storage.tokens import keep_indices, order
 from kvlab.storage.codes import QuantBody
 from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group, by_slice
 from kvlab.storage.rope import Rotary
@@ -59,7 +60,7 @@ from kvlab.storage.sinks import ExactSinks
 class QuantSegment:
     """The kept tokens of one group of KV heads, quantized (see the module docstring).
 
-    Implements :class:`~kvlab.storage.base.Storage`. ``keys`` and ``values`` read as dense ``(B, h, n, D)``
+    Implements :class:`~kvlab.storage.plan.Storage`. ``keys`` and ``values`` read as dense ``(B, h, n, D)``
     tensors (keys rotated to their positions). It stores no padding: a padded batch is stored one row at a time
     (:class:`~kvlab.storage.rows.RowSplit`, which :func:`~kvlab.storage.make_segment` puts around it).
     """

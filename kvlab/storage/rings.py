@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.storage.base import Storage
+from kvlab.storage.plan import Storage
 from kvlab.storage.dense import Segment
 
 # The fewest segments worth a set: one set step of 2 segments took 11.4 us, their own steps 28.4 us; of 3 segments

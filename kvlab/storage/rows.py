@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import torch
 
-from kvlab.storage.base import Storage
+from kvlab.storage.plan import Storage
 from kvlab.storage.plan import Group
 
 
 class RowSplit:
-    """One :class:`~kvlab.storage.base.Storage` for the batch, one per row once padding was seen."""
+    """One :class:`~kvlab.storage.plan.Storage` for the batch, one per row once padding was seen."""
 
     def __init__(self, make: Callable[[], Storage]):
         self._make = make

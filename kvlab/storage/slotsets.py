@@ -38,7 +38,8 @@ import math
 import torch
 
 from kvlab.storage.attention import attend, probabilities
-from kvlab.storage.base import Storage, left_out
+from kvlab.storage.plan import Storage
+from kvlab.storage.tokens import left_out
 from kvlab.storage.dense import Segment
 from kvlab.storage.inplace import later
 

@@ -1,104 +1,13 @@
-"""The storage contract: what the cache asks of a group's storage, dense or quantized.
-
-:class:`Storage` is the one interface :mod:`kvlab.cache` uses; :func:`kvlab.storage.make_segment` picks
-the implementation for a :class:`~kvlab.storage.plan.Group` (dense for 16 bits, KIVI-quantized below).
-Batch rows may carry padding: ``push`` takes the validity of the new tokens, a row keeps exactly the
-tokens it would keep alone (padding never counts against a budget) and attention never reads padding.
+"""Picking and gathering kept tokens, shared by the storages and the scorers: the top-k a budget keeps, the one
+token a decode step leaves out, row gathers, max-pooled scores, time order, the newest forced in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
-
 import torch
 import torch.nn.functional as F
 
-from kvlab.storage.plan import Group
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """The kept tokens of one group of KV heads of one layer."""
-
-    group: Group
-    heads: torch.Tensor  # (h,) long: the KV heads of the layer this storage holds
-    scores: torch.Tensor | None  # (B, h, n) float32 attention received, for scorers that need it
-
-    @property
-    def length(self) -> int:
-        """Tokens held per row and head (padding included)."""
-        ...
-
-    @property
-    def age(self) -> torch.Tensor:
-        """How recent each kept token is: ``age < k`` marks a row's ``k`` newest; ``(n,)`` or ``(B, h, n)``."""
-        ...
-
-    @property
-    def order(self) -> torch.Tensor:
-        """Each kept token's index among its row's real kept tokens (time order): ``(n,)`` or ``(B, h, n)`` (or
-        ``(B, 1, n)``, the same for every head)."""
-        ...
-
-    @property
-    def time_index(self) -> torch.Tensor | None:
-        """None when the kept tokens are stored in time order; else ``(B, h, n)``, the stored slots in time order
-        (a decode step may write a new token in an evicted token's slot: :mod:`kvlab.storage.inplace`)."""
-        ...
-
-    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys, values ``(B, h, n, D)`` and validity ``(B, h, n)`` (None: no padding) in the order of ``scores``,
-        ``age`` and :attr:`time_index`, without reordering anything: what an order-free scorer reads."""
-        ...
-
-    def length_after_compress(self) -> int:
-        """Tokens held once evicted down to the budget, before the next tokens arrive."""
-        ...
-
-    def push(self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Evict down to the budget, then add ``(B, h, q, D)`` new keys (rotated at their true positions)
-        and values; ``valid (B, q)`` bool marks real tokens (None: all real)."""
-        ...
-
-    def attend(self, query: torch.Tensor, scaling: float, window: int | None, softcap: float | None = None,
-               prefix: Storage | None = None) -> torch.Tensor:
-        """Attention of ``query (B, h*g, q, D)`` over the kept tokens, the last ``q`` of which are the
-        queries' own; ``prefix``'s kept tokens come first and are seen by every query."""
-        ...
-
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys at their (frame) positions, values ``(B, h, n, D)`` in time order, validity ``(B, h, n)``."""
-        ...
-
-    def nbytes(self) -> int:
-        """Bytes held by the kept keys and values (and whatever else the storage needs to rebuild them)."""
-        ...
-
-    def source_nbytes(self) -> int:
-        """The part of :meth:`nbytes` that keeps exact originals of moved keys (no drift in low precision)."""
-        ...
-
-    def reserved_nbytes(self) -> int:
-        """Bytes held beside :meth:`nbytes` and outside the budget: spare room to grow into, float32 copies that a
-        step reads."""
-        ...
-
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply a batch-axis reorder / repeat / select to every stored tensor."""
-        ...
-
-    def compress(self) -> None:
-        """Evict down to the budget now, appending nothing."""
-        ...
-
-    def drop_last(self) -> None:
-        """Forget the newest token (valid right after the forward pass that appended it)."""
-        ...
-
-    def clear(self) -> None:
-        """Forget every token."""
-        ...
+from kvlab.storage.plan import Storage
 
 
 def keep_indices(score: torch.Tensor, budget: int) -> torch.Tensor:
