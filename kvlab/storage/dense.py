@@ -21,12 +21,11 @@ from collections.abc import Callable
 import torch
 
 from kvlab.storage.attention import attend
-from kvlab.storage.plan import Storage
-from kvlab.storage.tokens import gather_tokens, keep_indices, order
 from kvlab.storage.frames import FramePositions
 from kvlab.storage.inplace import PER_TOKEN, InPlaceSteps
-from kvlab.storage.plan import Group
+from kvlab.storage.plan import Group, Storage
 from kvlab.storage.rope import Rotary
+from kvlab.storage.tokens import gather_tokens, keep_indices, order
 
 
 class Segment(InPlaceSteps, FramePositions):

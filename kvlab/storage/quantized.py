@@ -49,12 +49,11 @@ import torch
 
 from kvlab.errors import KvlabError
 from kvlab.storage.attention import attend
-from kvlab.storage.plan import Storage
-from kvlab.storage.tokens import keep_indices, order
 from kvlab.storage.codes import QuantBody
-from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group, by_slice
+from kvlab.storage.plan import GROUP_SIZE, RESIDUAL, Group, Storage, by_slice
 from kvlab.storage.rope import Rotary
 from kvlab.storage.sinks import ExactSinks
+from kvlab.storage.tokens import keep_indices, order
 
 
 class QuantSegment:

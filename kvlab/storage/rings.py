@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.storage.plan import Storage
 from kvlab.storage.dense import Segment
+from kvlab.storage.plan import Storage
 
 # The fewest segments worth a set: one set step of 2 segments took 11.4 us, their own steps 28.4 us; of 3 segments
 # 12.0 and 42.4 us (bench/bench_rings.py, one CPU core)

@@ -38,10 +38,10 @@ import math
 import torch
 
 from kvlab.storage.attention import attend, probabilities
-from kvlab.storage.plan import Storage
-from kvlab.storage.tokens import left_out
 from kvlab.storage.dense import Segment
 from kvlab.storage.inplace import later
+from kvlab.storage.plan import Storage
+from kvlab.storage.tokens import left_out
 
 LEAST = 2  # the fewest one-head segments worth a set
 FLAT_HEADS = 3  # on a CPU, the most KV heads that attend in one call (see the module docstring); any on a GPU
