@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvlab.storage.plan import Storage
-from kvlab.storage.plan import Group
+from kvlab.storage.plan import Group, Storage
 
 
 class RowSplit:
