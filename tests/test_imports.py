@@ -1,10 +1,12 @@
-"""The package's shape: imports point one way (methods -> storage -> tensors), no cycle, no private names
+"""The package's shape: imports point one way (methods -> storage -> tensors), no cycle (not even in annotations), no private names
 borrowed from another module, and transformers' internals are reached from one module only."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kvlab"
 
@@ -14,12 +16,14 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports() -> dict[str, list[tuple[str, list[str]]]]:
-    """module -> [(imported module, names)] for every import of a kvlab module (at any level)."""
+def _imports(typing: bool = False) -> dict[str, list[tuple[str, list[str]]]]:
+    """module -> [(imported module, names)] for every import of a kvlab module (at any level); ``typing``: those
+    under ``if TYPE_CHECKING:`` too."""
     out: dict[str, list[tuple[str, list[str]]]] = {}
     for path in PACKAGE.rglob("*.py"):
         found = []
-        for node in _executed(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in (ast.walk(tree) if typing else _executed(tree)):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 found.append((node.module, [a.name for a in node.names]))
             elif isinstance(node, ast.Import):
@@ -46,8 +50,9 @@ def _resolve(target: str, modules: set[str]) -> str | None:
     return target or None
 
 
-def test_no_import_cycle_among_kvlab_modules():
-    imports = _imports()
+@pytest.mark.parametrize("typing", [False, True], ids=["run time", "annotations too"])
+def test_no_import_cycle_among_kvlab_modules(typing):
+    imports = _imports(typing)
     modules = set(imports)
     graph = {m: set() for m in modules}
     for m, found in imports.items():
