@@ -1,5 +1,5 @@
-"""The package's shape: imports point one way (methods -> storage -> tensors), no cycle (not even in annotations), no private names
-borrowed from another module, and transformers' internals are reached from one module only."""
+"""The package's shape: imports point one way (methods -> storage -> tensors), no cycle (not even in annotations), no
+private names borrowed from another module, and transformers' internals are reached from one module only."""
 
 from __future__ import annotations
 
