@@ -15,10 +15,10 @@ import torch
 import kvlab.cli.compare as cli_compare
 import kvlab.cli.main as cli_main
 from kvlab.cache import make_cache
-from kvlab.compare import figure
 from kvlab.compare import kvpress as kp
 from kvlab.compare import side_by_side as sbs
 from kvlab.errors import KvlabError
+from kvlab.lab import kvpress_figure as figure
 from kvlab.lab.frame import rows_frame
 from kvlab.lab.plots import plot_all
 from kvlab.methods import build

@@ -86,6 +86,24 @@ def test_storage_never_imports_methods_or_transformers():
             assert not bad, f"{m} imports {bad}"
 
 
+# kvlab's packages from the top down: a module imports only from its own package and those below it
+LAYERS = ("kvlab.cli", "kvlab.doctor", "kvlab.compare", "kvlab.lab", "kvlab.evals", "kvlab.cache", "kvlab.methods",
+          "kvlab.storage")
+
+
+def _layer(module: str) -> int | None:
+    return next((i for i, top in enumerate(LAYERS) if module == top or module.startswith(top + ".")), None)
+
+
+def test_packages_import_only_downwards():
+    for m, found in _imports().items():
+        mine = _layer(m)
+        if mine is None:
+            continue
+        up = [t for t, _ in found if (other := _layer(t)) is not None and other < mine]
+        assert not up, f"{m} ({LAYERS[mine]}) imports from packages above it: {up}"
+
+
 def test_no_module_imports_another_modules_private_names():
     for m, found in _imports().items():
         for target, names in found:

@@ -105,7 +105,8 @@ def run_kvpress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for row in rows:  # the measurements first: nothing below can lose them
         write_json_atomic(out / "rows" / f"{row['id']}.json", row)
-    from kvlab.compare import figure  # pandas and matplotlib only now: they are not in the peak RSS measured
+    # pandas and matplotlib only now: they are not in the peak RSS measured
+    from kvlab.lab import kvpress_figure as figure
     from kvlab.lab.frame import rows_frame
 
     df = rows_frame(rows)

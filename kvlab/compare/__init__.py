@@ -5,6 +5,6 @@
   turns its lines into metrics and rows; :mod:`~kvlab.compare.samples` the inputs both libraries see.
 * :mod:`kvlab.compare.kvpress_worker` — the script run in that venv (press construction, the protocol), with
   :mod:`~kvlab.compare.kvpress_measure` (one sample's timed run: cache bytes, peak RSS).
-* :mod:`kvlab.compare.kvlab_runs`, :mod:`~kvlab.compare.side_by_side`, :mod:`~kvlab.compare.figure` — kvlab's side
-  at kvpress's kept tokens, the combined run, and its table and figure.
+* :mod:`kvlab.compare.kvlab_runs`, :mod:`~kvlab.compare.side_by_side` — kvlab's side at kvpress's kept tokens, and
+  the combined run. Its table, targets and figure are the lab's (:mod:`kvlab.lab.kvpress_figure`), from rows only.
 """

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from kvlab.lab.frame import group_columns, is_reference, short
+from kvlab.lab.frame import group_columns, short
+from kvlab.methods import is_reference
 
 PASS, FAIL, NO_DATA = "PASS", "FAIL", "no data"
 MEMORY_MIN_PCT, QUALITY_MAX_LOSS_PCT = 40.0, 5.0

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kvlab.lab.frame import is_reference
+from kvlab.methods import is_reference
 from kvlab.lab.plotting import REFERENCE_COLOR, NoData, first_column, method_palette, ok_rows, series, series_name, \
     spec_colors, specs_of
 

@@ -13,7 +13,7 @@ settings as ``param.<name>``, the method's settings as ``method.<name>``, every 
   timing in :data:`TIME_METRIC`, e.g. the median decode step of ``latency``).
 
 The *group* of a cell is everything but the method: same model, evaluation, device, dtype and
-settings (data, tokens, seed…). Its reference is the group's full-cache row (:func:`is_reference`);
+settings (data, tokens, seed…). Its reference is the group's full-cache row (:func:`kvlab.methods.is_reference`);
 without one, memory reduction falls back to the cell's own ``kv_bytes_full`` metric and the other
 comparisons stay empty.
 """
@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from kvlab.errors import KvlabError
+from kvlab.methods import is_reference
 from kvlab.spec import parse_spec
 
 #: the quality metric of each evaluation (others: the first of FALLBACK_QUALITY present in the row)
@@ -138,18 +139,6 @@ def _defaults(method_name: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=None)
-def is_reference(method_name: str) -> bool:
-    """Whether ``method_name`` is the registry's full cache (keeps every token, exactly): the reference every
-    other method is compared with. Asked of the registry, so an alias or subclass of it counts too."""
-    from kvlab.methods import get
-    from kvlab.methods.full import Full
-
-    try:
-        return issubclass(get(str(method_name)), Full)
-    except KvlabError:
-        return False
-
-
 def _same(a: Any, b: Any) -> bool:
     try:
         return float(a) == float(b)

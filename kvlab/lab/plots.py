@@ -17,7 +17,7 @@ ruler_heatmap          RULER score per task x method (rows of ``ruler``, as ``kv
                        :mod:`kvlab.lab.eval_figures`)
 head_class_map         the head classes of a profile named by a row's method spec (``profile=FILE``)
 implementation_        kvlab vs kvpress at the same kept tokens (rows of ``kvlab compare kvpress``):
-comparison             quality, prefill, decode speed, cache held, peak RSS (:mod:`kvlab.compare.figure`)
+comparison             quality, prefill, decode speed, cache held, peak RSS (:mod:`kvlab.lab.kvpress_figure`)
 =====================  ==========================================================================
 
 A figure whose data the rows do not hold is skipped with the reason; nothing is invented.
@@ -40,9 +40,9 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from kvlab.compare.figure import implementation_comparison
 from kvlab.lab.eval_figures import memory_figure, needle_heatmap, ruler_heatmap
 from kvlab.lab.frame import rows_frame, short, varying
+from kvlab.lab.kvpress_figure import implementation_comparison
 from kvlab.lab.plotting import (DPI, OKABE_ITO, REFERENCE_COLOR, STYLE, NoData, group_label, method_palette, ok_rows,
                                 save, series, series_name, spec_colors, specs_of)
 

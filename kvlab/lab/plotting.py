@@ -1,7 +1,7 @@
 """Shared pieces of the lab's figures: one palette and style, row selection helpers, atomic saving.
 
 Every figure uses the Okabe-Ito palette (readable with colour-blindness) and the full cache (the
-registry's reference method, :func:`kvlab.lab.frame.is_reference`) in grey. Colours are derived from the
+registry's reference method, :func:`kvlab.methods.is_reference`) in grey. Colours are derived from the
 methods present, never looked up by name: :func:`method_palette` gives the sorted method names of a run
 the palette's colours in turn, so a method keeps its colour in every figure of the run; several settings
 of one method get lighter shades of it (:func:`spec_colors`).
@@ -17,7 +17,8 @@ import pandas as pd
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from kvlab.lab.frame import is_reference, short, varying
+from kvlab.lab.frame import short, varying
+from kvlab.methods import is_reference
 from kvlab.results import atomic_path
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000"]

@@ -21,7 +21,8 @@ import pandas as pd
 
 from kvlab.errors import KvlabError
 from kvlab.lab.criteria import Criterion
-from kvlab.lab.frame import is_reference, short, varying
+from kvlab.lab.frame import short, varying
+from kvlab.methods import is_reference
 from kvlab.results import write_text_atomic
 
 FORMATS = {"csv": "report.csv", "json": "report.json", "latex": "report.tex", "md": "report.md"}

@@ -63,6 +63,17 @@ def get(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def is_reference(name: str) -> bool:
+    """Whether ``name`` is the registry's full cache (keeps every token, exactly): the reference every other method
+    is compared with in tables and figures. An alias or subclass of it counts too."""
+    from kvlab.methods.full import Full
+
+    try:
+        return issubclass(get(str(name)), Full)
+    except KvlabError:
+        return False
+
+
 def _plugins() -> dict[str, metadata.EntryPoint]:
     """The ``kvlab.methods`` entry points of installed distributions, by name (first one wins)."""
     found: dict[str, metadata.EntryPoint] = {}

@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kvlab.lab.frame import is_reference
 from kvlab.lab.plotting import NoData, method_palette
+from kvlab.methods import is_reference
 
 EVAL = "compare_kvpress"
 #: the kvlab methods a kvpress press sits beside, by preference: the first one the run has is its family
