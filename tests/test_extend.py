@@ -53,3 +53,23 @@ def test_registering_a_taken_name_fails(monkeypatch):
     registry.names()
     with pytest.raises(ValueError, match="already taken"):
         kvlab.register_method(Other)
+
+
+def test_a_registered_full_cache_is_the_reference_of_tables(monkeypatch):
+    """``is_reference`` (the row tables and figures compare against) asks the registry, and hears of a method
+    registered after it was first asked."""
+    from kvlab.methods.full import Full
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    registry.is_reference.cache_clear()
+    assert registry.is_reference("full") and not registry.is_reference("streaming")
+    assert not registry.is_reference("exact-cache")  # unknown: no reference, no error
+
+    @dataclass
+    class Exact(Full):
+        name = "exact-cache"
+
+    kvlab.register_method(Exact)
+    assert registry.is_reference("exact-cache")
+    monkeypatch.undo()
+    registry.is_reference.cache_clear()  # the registry without it again

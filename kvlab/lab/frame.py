@@ -21,7 +21,6 @@ comparisons stay empty.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -138,7 +137,6 @@ def _defaults(method_name: str) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
 
 
-@lru_cache(maxsize=None)
 def _same(a: Any, b: Any) -> bool:
     try:
         return float(a) == float(b)

@@ -15,6 +15,7 @@ each method comes from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from importlib import metadata
@@ -35,6 +36,7 @@ def register(cls: type[Method]) -> type[Method]:
     if cls.name in METHODS and METHODS[cls.name] is not cls:
         raise ValueError(f"method name '{cls.name}' is already taken by {METHODS[cls.name].__name__}")
     METHODS[cls.name] = cls
+    is_reference.cache_clear()
     return cls
 
 
@@ -63,9 +65,12 @@ def get(name: str) -> type[Method]:
     return METHODS[name]
 
 
+@functools.lru_cache(maxsize=None)
 def is_reference(name: str) -> bool:
     """Whether ``name`` is the registry's full cache (keeps every token, exactly): the reference every other method
-    is compared with in tables and figures. An alias or subclass of it counts too."""
+    is compared with in tables and figures. An alias or subclass of it counts too. Asked once per name (tables ask
+    it of every row; an unknown name reads the installed packages' entry points), until :func:`register` changes
+    the registry."""
     from kvlab.methods.full import Full
 
     try:
