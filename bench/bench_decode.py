@@ -12,10 +12,11 @@ The prefill is interleaved too: the implementations take each chunk in turn (``p
 each one's forward passes, all computing the last position's logits only, as ``kvlab.stream.feed`` does).
 
 Also per implementation: each step's time over StreamingLLM's (when it runs), the share of step time inside the
-cache's update (``Segment.push``: scoring, eviction, append; ``RingSet.step`` and ``SlotSet.push``, the ring and
-slot steps a layer's segments take as one), the kept KV bytes, and the number of Python-level torch calls in one
-decode step (counted by a ``TorchFunctionMode``; a launch on a GPU costs several microseconds, so the count should
-not grow with the context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
+cache's update (``Segment.push`` and ``QuantSegment.push``: scoring, eviction, append, quantizing a block;
+``RingSet.step`` and ``SlotSet.push``, the ring and slot steps a layer's segments take as one; a quantized group's
+dequantization is part of its attention, not of its update), the kept KV bytes, and the number of Python-level
+torch calls in one decode step (counted by a ``TorchFunctionMode``; a launch on a GPU costs several microseconds, so
+the count should not grow with the context). Ratios (vs kvlab ``full``, vs ``sdpa``) are computed here.
 ``--padded``: a batch of three left-padded prompts instead of one (the context's tokens, its first three quarters
 and its first half), as ``model.generate`` decodes a batch of prompts of different lengths.
 Prints a table and writes bench/results/decode.json and .md (``--out`` another stem).
@@ -28,6 +29,7 @@ plain transformers at 1k and 4k.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -44,8 +46,7 @@ from kvlab.data import load_text, tokenize
 from kvlab.errors import KvlabError
 from kvlab.methods import build
 from kvlab.spec import without_profile
-from kvlab.storage import RingSet, SlotSet
-from kvlab.storage.dense import Segment
+from kvlab.storage import QuantSegment, RingSet, Segment, SlotSet
 
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpa;full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256;"
@@ -80,16 +81,19 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
     tokens = {spec: logits[spec].argmax(-1, keepdim=True) for spec in specs}
     times = {s: [] for s in specs}
     inside = {s: [] for s in specs}
-    with Inside(Segment, "push") as timer, Inside(RingSet, "step") as rings, Inside(SlotSet, "push") as slots:
+    updates = [Inside(Segment, "push"), Inside(QuantSegment, "push"), Inside(RingSet, "step"), Inside(SlotSet, "push")]
+    with contextlib.ExitStack() as stack:
+        for timer in updates:
+            stack.enter_context(timer)
         for r in range(warmup + rounds):
             for spec in specs:
                 model = _model(models, spec)
-                before = timer.seconds + rings.seconds + slots.seconds
+                before = sum(timer.seconds for timer in updates)
                 t = time.perf_counter()
                 tokens[spec] = _step(model, caches[spec][0], tokens[spec], masks, spec)
                 if r >= warmup:
                     times[spec].append(time.perf_counter() - t)
-                    inside[spec].append(timer.seconds + rings.seconds + slots.seconds - before)
+                    inside[spec].append(sum(timer.seconds for timer in updates) - before)
     rows = []
     for spec in specs:
         model = _model(models, spec)

@@ -47,3 +47,17 @@ def test_padded_rows_are_the_contexts_first_tokens_left_padded():
     ids, mask = load("bench_decode").left_padded(torch.arange(1, 9))  # (from bench/timing.py)
     assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4]]
     assert mask.tolist() == [[1] * 8, [0] * 2 + [1] * 6, [0] * 4 + [1] * 4]
+
+
+def test_every_kind_of_storage_counts_in_the_update_share(tiny_llama):
+    """A quantized group's update (eviction, append, quantizing a block) counts, as a dense segment's does."""
+    import copy
+
+    import torch
+
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    models = {"sdpa": copy.deepcopy(tiny_llama), "kvlab": tiny_llama}
+    rows = load("bench_decode").run_context(models, ids, ["sdpa", "full", "quant:bits=4"], rounds=2, warmup=1,
+                                             chunk=32)
+    share = {row["impl"]: row["update_share"] for row in rows}
+    assert share["sdpa"] == 0 and share["full"] > 0 and share["quant:bits=4"] > 0
