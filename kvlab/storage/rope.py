@@ -129,15 +129,8 @@ class Rotary:
 
     def pairs_each(self, delta: torch.Tensor, top: int) -> torch.Tensor:
         """The cos and sin rows of ``delta (..., h)`` positions (long on the keys' device, every value in ``[0, top]``,
-        ``top`` a host int), shaped for :meth:`shift_each`: ``(..., 2, h, rot/2)`` float32, read from the table (one
-        gather for all of them) or computed beyond it."""
-        half = self.inv_freq.shape[0]
-        if top < TABLE_POSITIONS:
-            rows = self._pairs(top + 1, delta.device).index_select(0, delta.flatten()).view(*delta.shape, 2, half)
-        else:
-            ang = delta.float()[..., None] * self._inv(delta.device)  # (..., h, rot/2)
-            rows = torch.stack((ang.cos(), ang.sin()), dim=-2)
-        return rows.transpose(-2, -3)
+        ``top`` a host int), shaped for :meth:`shift_each`: ``(..., 2, h, rot/2)`` float32 (:meth:`_rows_at`'s rows)."""
+        return self._rows_at(delta, top).squeeze(-2).transpose(-2, -3)
 
     def shift_each(self, prepared: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
         """The keys of ``prepared`` (:meth:`prepare`, ``(2, B, h, m, 2, rot/2)``), head ``j`` rotated by its own
