@@ -33,12 +33,11 @@ import contextlib
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from timing import CountCalls, Inside, left_padded, positive_ints, run_meta, write
+from timing import CountCalls, Inside, left_padded, positive_ints, run_meta, run_script, write
 from transformers import DynamicCache
 
 import kvlab
@@ -196,8 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KvlabError as exc:  # what only the model or its profile can say (a budget too small for its heads)
-        print(f"bench_decode.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, __file__)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from timing import CountCalls, left_padded, run_meta, write
+from timing import CountCalls, left_padded, run_meta, run_script, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -132,8 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KvlabError as exc:  # what only the model can say (an unknown model, a budget its heads cannot take)
-        print(f"bench_sets.py: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, __file__)

@@ -1,12 +1,15 @@
 """What the benchmarks share: a prefill then timed greedy decode steps through a method's cache, with the
 seconds spent inside one storage method (cache update, dequantization) added up per step; a count of the torch
-calls a step makes; the run's metadata, its result files, and the parsing of comma-separated arguments."""
+calls a step makes; the run's metadata, its result files, the parsing of comma-separated arguments, and a script's
+entry point (:func:`run_script`)."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 import kvlab
 from kvlab.device import synchronize
+from kvlab.errors import KvlabError
 from kvlab.results import git_hash, machine, versions, write_json_atomic, write_text_atomic
 from kvlab.stream import feed
 
@@ -128,3 +132,13 @@ def left_padded(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for i, length in enumerate((n, 3 * n // 4, n // 2)):
         rows[i, n - length:], mask[i, n - length:] = ids[:length], 1
     return rows, mask
+
+
+def run_script(main: Callable[[], None], script: str) -> None:
+    """Run a benchmark's ``main``: what only the model or its profile can say once loaded (an unknown model, a budget
+    its heads cannot take) is one line on stderr naming ``script`` (its ``__file__``) and exit status 2."""
+    try:
+        main()
+    except KvlabError as exc:
+        print(f"{Path(script).name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
