@@ -96,6 +96,31 @@ def test_decoding_keeps_the_budget_after_prefill(tiny_llama, spec):
     assert cache.seen_tokens == 29
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_knorm_keeps_each_norm_from_its_arrival(tiny_llama, dtype):
+    """KNorm's scores are fixed when a token arrives: the storage keeps them through chunks, evictions and slot
+    steps, equal bit for bit to the norms of the keys it holds; where keys move (reindex=1) or the score changes
+    with every token (KeyDiff's anchor) it keeps none and the keys are scored as held."""
+    model = copy.deepcopy(tiny_llama).to(dtype)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    caches = {spec: make_cache(model, spec) for spec in ("knorm:budget=8", "knorm:budget=8,reindex=1",
+                                                          "keydiff:budget=8")}
+    with torch.no_grad():
+        for cache in caches.values():
+            model(ids[:, :12], past_key_values=cache)
+            model(ids[:, 12:20], past_key_values=cache)  # a chunk that evicts
+            for t in range(20, 40):  # slot steps
+                model(ids[:, t:t + 1], past_key_values=cache)
+    for spec, cache in caches.items():
+        for seg in (s for layer in cache.layers for s in layer.segments):
+            if spec != "knorm:budget=8":
+                assert seg.scores is None, spec
+                continue
+            keys = seg.stored()[0]
+            assert seg.scores.shape == keys.shape[:3]
+            assert torch.equal(seg.scores, -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32))
+
+
 def test_duo_retrieval_heads_keep_everything(tiny_llama, tmp_path):
     model = copy.deepcopy(tiny_llama)
     cache = make_cache(model, f"duo:profile={round_robin_profile(model, tmp_path)},sinks=2,window=6")

@@ -45,6 +45,10 @@ class Method:
     #: :meth:`score_in_time` reads nothing of the storage but ``seg.scores`` and ``seg.time_index``: a layer's
     #: one-head groups may then rank their slot steps as one (kvlab.storage.slotsets)
     scores_only: ClassVar[bool] = False
+    #: a token's score is fixed when it arrives (:meth:`arrival_scores` of its key, e.g. KNorm's norm): storage
+    #: whose keys never move computes it once, keeps it in ``seg.scores`` and writes it into a slot step's slot,
+    #: so a step does not score every kept key again
+    fixed_scores: ClassVar[bool] = False
 
     def capacity(self) -> int | None:
         """Tokens kept per KV head between forward passes (None: unbounded)."""
@@ -63,6 +67,12 @@ class Method:
         batch row is never kept, whatever its score; ``seg.order`` numbers a row's real tokens. The result may
         be ``seg.scores`` itself: callers read it and never write it."""
         raise NotImplementedError(f"{type(self).__name__} must implement score() or plan()")
+
+    def arrival_scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """For a method with ``fixed_scores``: the scores ``(B, h, q)`` float32 of ``q`` arriving tokens from their
+        keys ``(B, h, q, D)`` as the storage keeps them; :meth:`score` then reads them in ``seg.scores`` (None where the
+        storage keeps none: keys that move, quantized keys)."""
+        raise NotImplementedError(f"{type(self).__name__} has fixed_scores but no arrival_scores()")
 
     def score_in_time(self, seg: Storage) -> torch.Tensor:
         """:meth:`score` in time order ``(B, h, n)``, padding first (``seg.time_index``'s order; the caller then gives

@@ -25,6 +25,7 @@ class KeyDiff(KNorm):
 
     name = "keydiff"
     ties = False  # a key's cosine to the anchor changes with its rotation: repeated tokens do not tie
+    fixed_scores = False  # the anchor moves with every token kept
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
         keys, _, valid = seg.stored()

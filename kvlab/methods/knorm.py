@@ -18,7 +18,8 @@ class KNorm(Method):
 
     Needs no attention scores, so it runs with any attention kernel, and observes no query at all:
     question-agnostic by construction. Prefill: before each forward pass's new tokens are appended;
-    decoding: at every step. Keys are scored as stored (rotated by RoPE, which preserves their norm).
+    decoding: at every step. Keys are scored as stored (rotated by RoPE, which preserves their norm), each one
+    once, when it arrives: dense storage keeps the norms (``fixed_scores``), so a step computes one norm, not ``n``.
     Kept tokens keep their original positions (as in kvpress's KnormPress).
     """
 
@@ -28,6 +29,7 @@ class KNorm(Method):
     name = "knorm"
     order_free = True  # decode steps write in the evicted slot
     ties = True  # RoPE keeps a key's norm: a repeated token's keys tie in the first layer
+    fixed_scores = True  # a kept key's norm never changes: dense storage keeps it from the token's arrival
 
     def __post_init__(self) -> None:
         positive("budget", self.budget)
@@ -43,6 +45,13 @@ class KNorm(Method):
         return s.masked_fill(seg.age < self.recent, float("inf")) if self.recent else s
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
-        """``(B, h, n)`` scores from the kept keys alone, as stored (the one thing a key-only variant overrides)."""
+        """``(B, h, n)`` scores from the kept keys alone, as stored (the one thing a key-only variant overrides; one
+        whose scores change as tokens come and go, as KeyDiff's, also sets ``fixed_scores = False``): the norms kept
+        since each token arrived (``seg.scores``), or, where the storage keeps none (keys that move, quantized keys),
+        those of the keys it holds now."""
+        return seg.scores if seg.scores is not None else self.arrival_scores(seg.stored()[0])
+
+    def arrival_scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """``(B, h, q)``: minus the norms of ``keys (B, h, q, D)``."""
         # norms summed in float32 as the keys are read: no float32 copy of a low-precision cache (the same bits)
-        return -torch.linalg.vector_norm(seg.stored()[0], dim=-1, dtype=torch.float32)
+        return -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)

@@ -39,6 +39,8 @@ class Segment(InPlaceSteps, FramePositions):
         self.reindex = bool(scorer.reindex) and rotary is not None and group.budget is not None
         self.needs_scores = scorer.needs_scores
         self.observed = scorer.observed() if self.needs_scores else None
+        # a score fixed when its token arrives (KNorm's norm), kept in `scores` while the keys stay where they are
+        self.fixed = bool(getattr(scorer, "fixed_scores", False)) and not self.reindex and not self.needs_scores
         self.prefix = self._moved_prefix() if self.reindex else 0  # slots whose keys may move
         # decode steps may overwrite the evicted token's slot: any order of kept tokens scores the same
         self.slots = bool(getattr(scorer, "order_free", False)) and not self.reindex
@@ -56,7 +58,7 @@ class Segment(InPlaceSteps, FramePositions):
         self._prepared: tuple | None = None  # (_src, _k, the rotation's two inputs, padded rows' shifts: frames.py)
         self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
         self._pad_held: int | None = None  # at least the most padding any row and head holds (None: none seen)
-        self.scores: torch.Tensor | None = None  # (B, h, n) float32
+        self.scores: torch.Tensor | None = None  # (B, h, n) float32: accumulated attention, or fixed scores
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
         self._scrambled = False  # slot writes broke time order (the true positions in _pos restore it)
@@ -166,6 +168,8 @@ class Segment(InPlaceSteps, FramePositions):
             new["_pos"] = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q).clone()
         if self.needs_scores:
             new["scores"] = torch.zeros(b, h, q, dtype=torch.float32, device=key_states.device)
+        elif self.fixed:
+            new["scores"] = self.group.scorer.arrival_scores(key_states)
         self._evict_and_append(new)
         self.seen += q
         if self._valid is not None:

@@ -54,6 +54,8 @@ class Scorer(Protocol):
     order_free: bool
     #: scores with many exact ties (max-pooling): a slot step evicts what the copying eviction would
     ties: bool
+    # optional, read with getattr: ``fixed_scores`` and ``arrival_scores(keys)`` (a score fixed when a token
+    # arrives, kept in ``seg.scores``: see kvlab.methods.base.Method)
 
     def score(self, seg: Storage) -> torch.Tensor:
         """``(n,)`` or ``(batch, heads, n)`` scores of the kept tokens; the highest are kept."""
@@ -121,7 +123,7 @@ class Storage(Protocol):
 
     group: Group
     heads: torch.Tensor  # (h,) long: the KV heads of the layer this storage holds
-    scores: torch.Tensor | None  # (B, h, n) float32 attention received, for scorers that need it
+    scores: torch.Tensor | None  # (B, h, n) float32 attention received (scorers that need it), or fixed_scores
 
     @property
     def length(self) -> int:
