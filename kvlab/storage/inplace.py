@@ -211,7 +211,7 @@ class InPlaceSteps:
         self._v.scatter_(2, slot, value)
         if self.fixed:  # the newest token's own score (the victim was chosen from the old ones above)
             self.scores.scatter_(2, victim, scorer.arrival_scores(key))
-        elif self.scores is not None and self.observed is None:  # accumulated scores: the newest token's start at 0
+        elif self.scores is not None and self.observed is None:  # accumulated scores: the newest token's starts at 0
             self.scores.scatter_(2, victim, 0.0)  # (observed scores are replaced whole by the attention that follows)
         if self._real is None:
             self._pos.scatter_(2, victim, self.seen)
