@@ -6,7 +6,9 @@ For each context, real text (pydoc) is prefilled ``--chunk`` tokens at a time in
 implementation: ``sdpa`` is plain transformers (DynamicCache, sdpa attention, a copy of the model), the
 others are kvlab specs (``head-aware`` and ``haq`` need ``--profile``, a head profile of the model). Then
 ``--rounds`` rounds: in each round every implementation takes one greedy decode step, timed alone, so
-all implementations share the machine's state (rounds interleaved). The figure is the median step.
+all implementations share the machine's state (rounds interleaved). The figure is the median step. Beside each
+ratio to kvlab ``full``, the quartiles of the ratios round by round (the full cache's step over the method's, in the
+same round): how far the machine's noise moves a ratio, so that 2.96x and 3x can be told apart, or not.
 
 The prefill is interleaved too: the implementations take each chunk in turn (``prefill_s``: the seconds of
 each one's forward passes, all computing the last position's logits only, as ``kvlab.stream.feed`` does).
@@ -94,6 +96,7 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
                     times[spec].append(time.perf_counter() - t)
                     inside[spec].append(sum(timer.seconds for timer in updates) - before)
     rows = []
+    full = next((spec for spec in specs if spec.split(":")[0] == "full"), None)
     for spec in specs:
         model = _model(models, spec)
         with CountCalls() as counter:
@@ -104,6 +107,7 @@ def run_context(models: dict, ids: torch.Tensor, specs: list[str], rounds: int, 
                      "prefill_s": round(caches[spec][1], 2),
                      "step_ms": round(1000 * step, 2), "tokens_per_s": round(1 / step, 2),
                      "update_share": round(sum(inside[spec]) / sum(times[spec]), 4), "torch_calls": counter.calls,
+                     "vs_full_rounds": None if full is None else quartiles(times[full], times[spec]),
                      "kv_mib": round((cache.nbytes() if hasattr(cache, "nbytes") else _plain_bytes(cache)) / 2**20, 2)})
     return rows
 
@@ -126,25 +130,35 @@ def _prefill(models: dict, caches: dict, ids: torch.Tensor, chunk: int, mask: to
     return seconds, logits
 
 
+def quartiles(reference: list[float], times: list[float]) -> list[float]:
+    """The first quartile, median and third quartile of ``reference[r] / times[r]`` over the rounds ``r``."""
+    ratios = [ref / t for ref, t in zip(reference, times)]
+    qs = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return [round(q, 3) for q in qs]
+
+
 def _plain_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of ``rows``: speed-ups against kvlab ``full`` and plain transformers, and each step's time
-    over StreamingLLM's in the same context (the cheapest bounded step: at the same budget the model's own work is
-    the same in both, so this says what a method's bookkeeping adds)."""
+    """The markdown table of ``rows``: speed-ups against kvlab ``full`` (with the quartiles of the ratios round by
+    round, where the run had a full cache) and plain transformers, and each step's time over StreamingLLM's in the
+    same context (the cheapest bounded step: at the same budget the model's own work is the same in both, so this
+    says what a method's bookkeeping adds)."""
     by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}
-    lines = ["| context | implementation | prefill s | step ms | vs kvlab full | vs transformers sdpa | "
-             "step / StreamingLLM's | update share | torch calls per step | KV MiB |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| context | implementation | prefill s | step ms | vs kvlab full | rounds' quartiles | "
+             "vs transformers sdpa | step / StreamingLLM's | update share | torch calls per step | KV MiB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         full, sdpa, stream = (by.get((name, r["context"])) for name in ("full", "sdpa", "streaming"))
         ratio = lambda ref: f"{ref['step_ms'] / r['step_ms']:.2f}x" if ref else "n/a"  # noqa: E731
         over = f"{r['step_ms'] / stream['step_ms']:.2f}" if stream else "n/a"
         name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{without_profile(r['impl'])}`"
-        lines.append(f"| {r['context']} | {name} | {r['prefill_s']} | {r['step_ms']} | {ratio(full)} | {ratio(sdpa)} | "
-                     f"{over} | {100 * r['update_share']:.1f}% | {r['torch_calls']} | {r['kv_mib']} |")
+        q = r.get("vs_full_rounds")
+        spread = f"{q[0]:.2f}-{q[2]:.2f}" if q else "n/a"
+        lines.append(f"| {r['context']} | {name} | {r['prefill_s']} | {r['step_ms']} | {ratio(full)} | {spread} | "
+                     f"{ratio(sdpa)} | {over} | {100 * r['update_share']:.1f}% | {r['torch_calls']} | {r['kv_mib']} |")
     return "\n".join(lines)
 
 
