@@ -7,8 +7,9 @@ implementation: ``sdpa`` is plain transformers (DynamicCache, sdpa attention, a 
 others are kvlab specs (``head-aware`` and ``haq`` need ``--profile``, a head profile of the model). Then
 ``--rounds`` rounds: in each round every implementation takes one greedy decode step, timed alone, so
 all implementations share the machine's state (rounds interleaved). The figure is the median step. Beside each
-ratio to kvlab ``full``, the quartiles of the ratios round by round (the full cache's step over the method's, in the
-same round): how far the machine's noise moves a ratio, so that 2.96x and 3x can be told apart, or not.
+ratio to kvlab ``full``, the median and quartiles of the ratios round by round (the full cache's step over the
+method's, in the same round): how far the machine's noise moves a ratio, so that 2.96x and 3x can be told apart, or
+not.
 
 The prefill is interleaved too: the implementations take each chunk in turn (``prefill_s``: the seconds of
 each one's forward passes, all computing the last position's logits only, as ``kvlab.stream.feed`` does).
@@ -142,12 +143,13 @@ def _plain_bytes(cache) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of ``rows``: speed-ups against kvlab ``full`` (with the quartiles of the ratios round by
-    round, where the run had a full cache) and plain transformers, and each step's time over StreamingLLM's in the
-    same context (the cheapest bounded step: at the same budget the model's own work is the same in both, so this
-    says what a method's bookkeeping adds)."""
+    """The markdown table of ``rows``: speed-ups against kvlab ``full`` (the ratio of the two median steps, then the
+    median and quartiles of the ratios round by round, where the run had a full cache: the two medians need not come
+    from the same rounds, so the first may fall outside the quartiles, and the rounds' median is the steadier) and
+    plain transformers, and each step's time over StreamingLLM's in the same context (the cheapest bounded step: at
+    the same budget the model's own work is the same in both, so this says what a method's bookkeeping adds)."""
     by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}
-    lines = ["| context | implementation | prefill s | step ms | vs kvlab full | rounds' quartiles | "
+    lines = ["| context | implementation | prefill s | step ms | vs kvlab full | rounds' median (quartiles) | "
              "vs transformers sdpa | step / StreamingLLM's | update share | torch calls per step | KV MiB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -156,7 +158,7 @@ def table(rows: list[dict]) -> str:
         over = f"{r['step_ms'] / stream['step_ms']:.2f}" if stream else "n/a"
         name = "transformers (DynamicCache, sdpa)" if r["impl"] == "sdpa" else f"`{without_profile(r['impl'])}`"
         q = r.get("vs_full_rounds")
-        spread = f"{q[0]:.2f}-{q[2]:.2f}" if q else "n/a"
+        spread = f"{q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f})" if q else "n/a"
         lines.append(f"| {r['context']} | {name} | {r['prefill_s']} | {r['step_ms']} | {ratio(full)} | {spread} | "
                      f"{ratio(sdpa)} | {over} | {100 * r['update_share']:.1f}% | {r['torch_calls']} | {r['kv_mib']} |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ def test_each_step_is_compared_with_the_full_caches_and_streamingllms_of_its_own
     lines = {(line.split(" | ")[0][2:], line.split(" | ")[1]): line.split(" | ") for line in table.splitlines()[2:]}
     sdpa, full, stream, ha = (lines[("4096", name)] for name in (
         "transformers (DynamicCache, sdpa)", "`full`", "`streaming:sinks=4,window=1020`", "`head-aware:budget=1024`"))
-    # vs full, the rounds' quartiles of that (none in these rows), vs sdpa, step / StreamingLLM's
+    # vs full, the rounds' median and quartiles of that (none in these rows), vs sdpa, step / StreamingLLM's
     assert full[4:8] == ["1.00x", "n/a", "1.10x", "1.50"]
     assert stream[4:8] == ["1.50x", "n/a", "1.65x", "1.00"]
     assert ha[4:8] == ["1.36x", "n/a", "1.50x", "1.10"]  # the profile's path is left out of the name
@@ -37,7 +37,7 @@ def test_the_rounds_quartiles_pair_each_step_with_the_full_caches_of_its_round()
     assert bench.quartiles([0.3], [0.1]) == [3.0, 3.0, 3.0]  # one round
     row = dict(_row("h2o:budget=1024,recent=256", 16384, 50.0), vs_full_rounds=[2.9, 3.0, 3.1])
     line = bench.table([_row("full", 16384, 150.0), row]).splitlines()[-1].split(" | ")
-    assert line[4:6] == ["3.00x", "2.90-3.10"]
+    assert line[4:6] == ["3.00x", "3.00x (2.90-3.10)"]
 
 
 @pytest.mark.parametrize("args, says", [(["--methods", "full;nosuch:budget=1"], "unknown method 'nosuch'"),
