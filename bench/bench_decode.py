@@ -26,7 +26,7 @@ Prints a table and writes bench/results/decode.json and .md (``--out`` another s
 
 Targets (issue 12), at 4,096 tokens with budget 1,024, against kvlab ``full``: h2o >= 1.0x, head-aware
 >= 1.2x, haq 8/4/2 >= 1.0x, streaming >= 1.3x; at 16k every bounded method >= 3x; kvlab ``full`` >= 0.97x
-plain transformers at 1k and 4k.
+plain transformers at 1k and 4k. Below the table, a line for each target the run can judge (batch 1): met or MISSED.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ from kvlab.storage import QuantSegment, RingSet, Segment, SlotSet
 OUT = Path(__file__).resolve().parent / "results"
 METHODS = ("sdpa;full;streaming:sinks=4,window=1020;h2o:budget=1024,recent=256;"
            "head-aware:budget=1024,profile={p};haq:budget=1024,profile={p},bits=8/4/2")
+# issue 12's targets, batch 1: (context, method, least ratio to kvlab full); "*": every bounded method
+TARGETS = ((4096, "streaming", 1.3), (4096, "h2o", 1.0), (4096, "head-aware", 1.2), (4096, "haq", 1.0),
+           (16384, "*", 3.0))
+UNBOUNDED = ("sdpa", "full", "duo")  # duo's retrieval heads keep every token
+SDPA_TARGET = (1024, 4096, 0.97)  # kvlab full against plain transformers, at these contexts
 
 
 def _model(models: dict, spec: str):
@@ -164,6 +169,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> str:
+    """Issue 12's targets that the ``rows`` of a batch-1 run can judge, a line each: the ratio of the median steps
+    (met or MISSED by it), then the rounds' median and quartiles (:func:`quartiles`), which say whether the machine's
+    noise could turn the verdict. A target whose context or implementation did not run gets no line."""
+    rows = [r for r in rows if not r.get("padded")]
+    by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}  # the full cache and sdpa of each context
+    lines = []
+
+    def judge(what: str, row: dict, ref: dict, least: float) -> None:
+        ratio, q = ref["step_ms"] / row["step_ms"], row.get("vs_full_rounds")
+        spread = f" (rounds {q[1]:.2f}x, {q[0]:.2f}-{q[2]:.2f})" if q and ref["impl"] != "sdpa" else ""
+        lines.append(f"- {what} at least {least}x: {ratio:.2f}x{spread}: {'met' if ratio >= least else 'MISSED'}")
+
+    *contexts, least = SDPA_TARGET
+    for ctx in contexts:
+        if ("full", ctx) in by and ("sdpa", ctx) in by:
+            judge(f"{ctx:,} tokens: kvlab `full` against transformers (DynamicCache, sdpa)", by["full", ctx],
+                  by["sdpa", ctx], least)
+    for ctx, method, least in TARGETS:
+        for row in rows:
+            name = row["impl"].split(":")[0]
+            aimed = name not in UNBOUNDED if method == "*" else name == method
+            if aimed and row["context"] == ctx and ("full", ctx) in by:
+                judge(f"{ctx:,} tokens: `{without_profile(row['impl'])}` against kvlab `full`", row, by["full", ctx],
+                      least)
+    return "\n".join(["## Targets (issue 12, batch 1)", "", *lines]) if lines else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -205,7 +238,7 @@ def main() -> None:
                                mask):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    text = table(rows)
+    text = "\n\n".join(part for part in (table(rows), targets(rows)) if part)
     print(text)
     write(args.out, rows, text, meta)
 

@@ -72,3 +72,22 @@ def test_every_kind_of_storage_counts_in_the_update_share(tiny_llama):
                                              chunk=32)
     share = {row["impl"]: row["update_share"] for row in rows}
     assert share["sdpa"] == 0 and share["full"] > 0 and share["quant:bits=4"] > 0
+
+
+def test_the_targets_are_judged_from_the_rows_that_ran():
+    bench = load("bench_decode")
+    rounds = {"vs_full_rounds": [2.9, 3.05, 3.1]}
+    rows = [_row("sdpa", 4096, 66.0), _row("full", 4096, 60.0), _row("h2o:budget=1024,recent=256", 4096, 50.0),
+            _row("head-aware:budget=1024,profile=/tmp/p.json", 4096, 52.0), _row("full", 16384, 150.0),
+            dict(_row("snapkv:budget=1024", 16384, 50.0), **rounds), _row("adakv:budget=1024", 16384, 51.0),
+            _row("duo:profile=/tmp/p.json", 16384, 60.0)]
+    lines = bench.targets(rows).splitlines()[2:]
+    assert lines == [
+        "- 4,096 tokens: kvlab `full` against transformers (DynamicCache, sdpa) at least 0.97x: 1.10x: met",
+        "- 4,096 tokens: `h2o:budget=1024,recent=256` against kvlab `full` at least 1.0x: 1.20x: met",
+        "- 4,096 tokens: `head-aware:budget=1024` against kvlab `full` at least 1.2x: 1.15x: MISSED",
+        "- 16,384 tokens: `snapkv:budget=1024` against kvlab `full` at least 3.0x: 3.00x "
+        "(rounds 3.05x, 2.90-3.10): met",
+        "- 16,384 tokens: `adakv:budget=1024` against kvlab `full` at least 3.0x: 2.94x: MISSED"]  # duo: not bounded
+    # no full cache at 1k, no streaming, no haq: no line for them; a padded batch is judged by nothing here
+    assert bench.targets([dict(row, padded=True) for row in rows]) == ""
