@@ -147,13 +147,18 @@ def _plain_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def _by_kind(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """``rows`` by (method name, context): where the table and the targets find each context's ``full`` and ``sdpa``."""
+    return {(r["impl"].split(":")[0], r["context"]): r for r in rows}
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of ``rows``: speed-ups against kvlab ``full`` (the ratio of the two median steps, then the
     median and quartiles of the ratios round by round, where the run had a full cache: the two medians need not come
     from the same rounds, so the first may fall outside the quartiles, and the rounds' median is the steadier) and
     plain transformers, and each step's time over StreamingLLM's in the same context (the cheapest bounded step: at
     the same budget the model's own work is the same in both, so this says what a method's bookkeeping adds)."""
-    by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}
+    by = _by_kind(rows)
     lines = ["| context | implementation | prefill s | step ms | vs kvlab full | rounds' median (quartiles) | "
              "vs transformers sdpa | step / StreamingLLM's | update share | torch calls per step | KV MiB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -174,7 +179,7 @@ def targets(rows: list[dict]) -> str:
     (met or MISSED by it), then the rounds' median and quartiles (:func:`quartiles`), which say whether the machine's
     noise could turn the verdict. A target whose context or implementation did not run gets no line."""
     rows = [r for r in rows if not r.get("padded")]
-    by = {(r["impl"].split(":")[0], r["context"]): r for r in rows}  # the full cache and sdpa of each context
+    by = _by_kind(rows)
     lines = []
 
     def judge(what: str, row: dict, ref: dict, least: float) -> None:
