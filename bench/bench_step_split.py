@@ -4,9 +4,10 @@
                                      [--profile p.json]
 
 For each kvlab spec (``{p}``: ``--profile``, for ``head-aware`` and ``haq``): a fresh cache, ``--context`` tokens
-of real text (pydoc) prefilled ``--chunk`` at a time, ``--warmup`` greedy decode steps, ``--steps`` more timed one
-by one without the profiler (``step_ms``, the median), then ``--steps`` more under torch's profiler (CPU activity).
-The profiler's self times, per step, are split into
+of real text (pydoc) prefilled ``--chunk`` at a time and ``--warmup`` greedy decode steps. Then ``--rounds`` rounds:
+in each, every spec takes one step timed without the profiler, then one step under torch's profiler (CPU activity),
+so that the specs share the machine's state (``step_ms``: the median timed step). The profiled steps' self times
+are split into (ms per step)
 
 * ``weights_ms``: ``aten::mm``, the model's linear layers (a batch-1 step multiplies 2-D activations);
 * ``attention_ms``: sdpa's kernels (``aten::*scaled_dot_product*``) and ``aten::bmm``, the two products of kvlab's
@@ -49,34 +50,62 @@ def is_attention(op: str) -> bool:
     return op == "aten::bmm" or "scaled_dot_product" in op
 
 
-@torch.no_grad()
-def split(model, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int, top: int) -> dict:
-    """One spec's row: prefill ``ids (1, n)``, then ``warmup`` steps, ``steps`` timed, ``steps`` profiled."""
-    cache = kvlab.make_cache(model, spec)
-    token = feed(model, cache, ids, chunk).argmax(-1, keepdim=True)
+class Stepper:
+    """A spec's cache after the prefill of ``ids (1, n)`` and ``warmup`` greedy steps; :meth:`step` takes one more."""
 
-    def step(token: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    def __init__(self, model, ids: torch.Tensor, spec: str, warmup: int, chunk: int):
+        self.model, self.spec, self.context = model, spec, ids.shape[1]
+        self.cache = kvlab.make_cache(model, spec)
+        with torch.no_grad():
+            self.token = feed(model, self.cache, ids, chunk).argmax(-1, keepdim=True)
+        self.times: list[float] = []
+        self.ops: dict[str, list[float]] = {}  # operator -> [self ms, calls], summed over the profiled steps
+        self.profiled = 0
+        for _ in range(warmup):
+            self.step()
 
-    for _ in range(warmup):
-        token = step(token)
-    times = []
-    for _ in range(steps):
+    @torch.no_grad()
+    def step(self) -> None:
+        out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def timed(self) -> None:
         t = time.perf_counter()
-        token = step(token)
-        times.append(time.perf_counter() - t)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            token = step(token)
-    ops = [(e.key, e.self_cpu_time_total / 1000 / steps, e.count / steps) for e in prof.key_averages()]
-    weights = sum(ms for op, ms, _ in ops if is_weights(op))
-    attention = sum(ms for op, ms, _ in ops if is_attention(op))
-    step_ms = 1000 * statistics.median(times)
-    others = sorted((o for o in ops if not is_weights(o[0]) and not is_attention(o[0])), key=lambda o: -o[1])
-    return {"method": spec, "context": ids.shape[1], "step_ms": round(step_ms, 2), "weights_ms": round(weights, 2),
-            "attention_ms": round(attention, 2), "rest_ms": round(step_ms - weights - attention, 2),
-            "profiled_ops_ms": round(sum(ms for _, ms, _ in ops), 2),
-            "top": [{"op": op, "ms": round(ms, 3), "calls": round(calls, 1)} for op, ms, calls in others[:top]]}
+        self.step()
+        self.times.append(time.perf_counter() - t)
+
+    def profiled_step(self) -> None:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            self.step()
+        for e in prof.key_averages():
+            acc = self.ops.setdefault(e.key, [0.0, 0.0])
+            acc[0] += e.self_cpu_time_total / 1000
+            acc[1] += e.count
+        self.profiled += 1
+
+    def row(self, top: int) -> dict:
+        """The spec's figures: the median timed step, the profiled steps' mean split, the rest's ``top`` operators."""
+        ops = [(op, ms / self.profiled, calls / self.profiled) for op, (ms, calls) in self.ops.items()]
+        weights = sum(ms for op, ms, _ in ops if is_weights(op))
+        attention = sum(ms for op, ms, _ in ops if is_attention(op))
+        step_ms = 1000 * statistics.median(self.times)
+        others = sorted((o for o in ops if not is_weights(o[0]) and not is_attention(o[0])), key=lambda o: -o[1])
+        return {"method": self.spec, "context": self.context, "step_ms": round(step_ms, 2),
+                "weights_ms": round(weights, 2), "attention_ms": round(attention, 2),
+                "rest_ms": round(step_ms - weights - attention, 2), "profiled_ops_ms": round(sum(o[1] for o in ops), 2),
+                "top": [{"op": op, "ms": round(ms, 3), "calls": round(calls, 1)} for op, ms, calls in others[:top]]}
+
+
+def run(model, ids: torch.Tensor, specs: list[str], rounds: int, warmup: int, chunk: int, top: int) -> list[dict]:
+    """Every spec's row. ``rounds`` rounds, in each of which every spec takes one timed step, then every spec one
+    profiled step: the specs share the machine's state, as in ``bench_decode.py``."""
+    steppers = [Stepper(model, ids, spec, warmup, chunk) for spec in specs]
+    for _ in range(rounds):
+        for s in steppers:
+            s.timed()
+        for s in steppers:
+            s.profiled_step()
+    return [s.row(top) for s in steppers]
 
 
 def table(rows: list[dict]) -> str:
@@ -100,15 +129,16 @@ def main() -> None:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--methods", default=METHODS, help="';'-separated kvlab specs ({p}: --profile)")
     p.add_argument("--profile", default="", help="head profile of the model (head-aware, haq)")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     p.add_argument("--top", type=int, default=6, help="how many of the rest's operators to list")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", type=Path, default=OUT / "step_split", help="output stem (.json and .md are added)")
     args = p.parse_args()
-    if min(args.steps, args.chunk, args.threads) < 1 or args.warmup < 0 or args.top < 0 or args.context < 2:
-        p.error("--steps, --chunk and --threads must be positive, --warmup and --top not negative, --context 2 or more")
+    if min(args.rounds, args.chunk, args.threads) < 1 or args.warmup < 0 or args.top < 0 or args.context < 2:
+        p.error("--rounds, --chunk and --threads must be positive, --warmup and --top not negative, "
+                "--context 2 or more")
     specs = [s.format(p=args.profile) for s in args.methods.split(";")]
     try:  # a wrong spec or profile path: one line before the model loads
         if "{p}" in args.methods and not Path(args.profile).is_file():
@@ -122,7 +152,7 @@ def main() -> None:
     model, tok = kvlab.load(args.model)
     meta = run_meta(model, args)
     ids = tokenize(tok, load_text("pydoc"), args.context).to(model.device)
-    rows = [split(model, ids, spec, args.steps, args.warmup, args.chunk, args.top) for spec in specs]
+    rows = run(model, ids, specs, args.rounds, args.warmup, args.chunk, args.top)
     text = table(rows)
     print(text)
     write(args.out, rows, text, meta)

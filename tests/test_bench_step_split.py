@@ -16,8 +16,10 @@ from bench_scripts import BENCH, load
 def test_a_step_splits_into_weights_attention_and_the_rest(tiny_llama, spec):
     bench = load("bench_step_split")
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
-    row = bench.split(copy.deepcopy(tiny_llama), ids, spec, steps=3, warmup=1, chunk=16, top=4)
-    assert row["method"] == spec and row["context"] == 48
+    rows = bench.run(copy.deepcopy(tiny_llama), ids, ["full", spec], rounds=3, warmup=1, chunk=16, top=4)
+    assert [r["method"] for r in rows] == ["full", spec]
+    row = rows[1]
+    assert row["context"] == 48
     assert row["step_ms"] > 0 and row["weights_ms"] > 0 and row["attention_ms"] > 0  # sdpa, or H2O's two products
     assert row["rest_ms"] == pytest.approx(row["step_ms"] - row["weights_ms"] - row["attention_ms"], abs=0.02)
     assert 0 < len(row["top"]) <= 4
