@@ -98,11 +98,12 @@ class Stepper:
 
 
 def run(model, ids: torch.Tensor, specs: list[str], rounds: int, warmup: int, chunk: int, top: int) -> list[dict]:
-    """Every spec's row. ``rounds`` rounds, in each of which every spec takes one timed step, then every spec one
-    profiled step: the specs share the machine's state, as in ``bench_decode.py``."""
+    """Every spec's row. ``rounds`` rounds, in each of which every spec takes one timed step (round ``r`` starting
+    with spec ``r``, in turn), then every spec one profiled step: the specs share the machine's state, as in
+    ``bench_decode.py``."""
     steppers = [Stepper(model, ids, spec, warmup, chunk) for spec in specs]
-    for _ in range(rounds):
-        for s in steppers:
+    for r in range(rounds):
+        for s in steppers[r % len(steppers):] + steppers[:r % len(steppers)]:  # none always first after the profiler
             s.timed()
         for s in steppers:
             s.profiled_step()
