@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from kvlab.cache import make_cache
 from kvlab.cli.main import main
 from kvlab.methods import build
+from kvlab.methods.keydiff import KeyDiff
 from kvlab.methods.pyramidkv import layer_budget
 from kvlab.methods.snapkv import snap_scores
 from profiles import round_robin_profile
@@ -76,8 +78,10 @@ def test_tova_observes_the_last_query_per_head_or_shared():
 
 def test_keydiff_keeps_the_key_unlike_the_others():
     keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, -0.1]])[None, None]  # (1, 1, 4, 2)
-    seg = SimpleNamespace(stored=lambda: (keys, keys, None))
-    assert build("keydiff:budget=2").score(seg)[0, 0].argmax().item() == 2
+    keydiff = build("keydiff:budget=2")
+    for scores in (None, keydiff.arrival_scores(keys)):  # norms kept since arrival, or none: the same scores
+        seg = SimpleNamespace(stored=lambda: (keys, keys, None), scores=scores)
+        assert keydiff.score(seg)[0, 0].argmax().item() == 2
 
 
 @pytest.mark.parametrize("spec", ["snapkv:budget=8,window=3", "pyramidkv:budget=8,window=2,beta=2", "tova:budget=8",
@@ -97,14 +101,14 @@ def test_decoding_keeps_the_budget_after_prefill(tiny_llama, spec):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_knorm_keeps_each_norm_from_its_arrival(tiny_llama, dtype):
-    """KNorm's scores are fixed when a token arrives: the storage keeps them through chunks, evictions and slot
-    steps, equal bit for bit to the norms of the keys it holds; where keys move (reindex=1) or the score changes
-    with every token (KeyDiff's anchor) it keeps none and the keys are scored as held."""
+def test_knorm_and_keydiff_keep_each_norm_from_its_arrival(tiny_llama, dtype):
+    """KNorm's scores, and the two norms KeyDiff scores each key from, are fixed when a token arrives: the storage
+    keeps them through chunks, evictions and slot steps, equal bit for bit to those of the keys it holds; where keys
+    move (reindex=1) it keeps none and the keys are scored as held."""
     model = copy.deepcopy(tiny_llama).to(dtype)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     caches = {spec: make_cache(model, spec) for spec in ("knorm:budget=8", "knorm:budget=8,reindex=1",
-                                                          "keydiff:budget=8")}
+                                                          "keydiff:budget=8", "keydiff:budget=8,reindex=1")}
     with torch.no_grad():
         for cache in caches.values():
             model(ids[:, :12], past_key_values=cache)
@@ -113,12 +117,48 @@ def test_knorm_keeps_each_norm_from_its_arrival(tiny_llama, dtype):
                 model(ids[:, t:t + 1], past_key_values=cache)
     for spec, cache in caches.items():
         for seg in (s for layer in cache.layers for s in layer.segments):
-            if spec != "knorm:budget=8":
+            if "reindex" in spec:
                 assert seg.scores is None, spec
                 continue
             keys = seg.stored()[0]
-            assert seg.scores.shape == keys.shape[:3]
-            assert torch.equal(seg.scores, -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32))
+            if spec.startswith("knorm"):
+                assert torch.equal(seg.scores, -torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32))
+            else:
+                norm = torch.linalg.vector_norm(keys.float(), dim=-1, keepdim=True).clamp_min(1e-12)
+                again = torch.linalg.vector_norm(keys.float() / norm, dim=-1, keepdim=True).clamp_min(1e-8)
+                assert torch.equal(seg.scores, torch.cat((norm, again), dim=-1))
+
+
+@dataclass
+class _KeyDiffFromKeys(KeyDiff):
+    """KeyDiff scoring every kept key from the keys at every step (its code before it kept the norms)."""
+
+    name = "keydiff-from-keys"
+    fixed_scores = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_keydiff_with_kept_norms_keeps_the_tokens_and_logits_of_scoring_from_the_keys(tiny_llama, dtype, rows):
+    """The kept norms change no bit: the same tokens kept and the same logits as KeyDiff computing every norm at every
+    step, through a chunk that evicts and slot steps, at batch 1 and in a left-padded batch (budget 8, recent 2)."""
+    model = copy.deepcopy(tiny_llama).to(dtype)
+    ids = torch.randint(1, 256, (rows, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1:, :5] = 0  # the second row left-padded by 5
+    logits, kept = {}, {}
+    for method in (KeyDiff(budget=8, recent=2), _KeyDiffFromKeys(budget=8, recent=2)):
+        cache = make_cache(model, method)
+        out = []
+        with torch.no_grad():
+            for start, stop in ((0, 12), (12, 20), *((t, t + 1) for t in range(20, 40))):
+                out.append(model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache).logits)
+        logits[method.name] = torch.cat(out, dim=1)
+        segs = [seg for layer in cache.layers for seg in layer.segments]
+        assert all((seg.scores is not None) == (method.name == "keydiff") for seg in segs)
+        kept[method.name] = [seg.stored_state()[2].sort(dim=-1).values for seg in segs]  # true positions kept
+    assert all(torch.equal(a, b) for a, b in zip(kept["keydiff"], kept["keydiff-from-keys"]))
+    assert torch.equal(logits["keydiff"], logits["keydiff-from-keys"])
 
 
 def test_duo_retrieval_heads_keep_everything(tiny_llama, tmp_path):

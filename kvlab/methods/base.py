@@ -45,9 +45,9 @@ class Method:
     #: :meth:`score_in_time` reads nothing of the storage but ``seg.scores`` and ``seg.time_index``: a layer's
     #: one-head groups may then rank their slot steps as one (kvlab.storage.slotsets)
     scores_only: ClassVar[bool] = False
-    #: a token's score is fixed when it arrives (:meth:`arrival_scores` of its key, e.g. KNorm's norm): storage
-    #: whose keys never move computes it once, keeps it in ``seg.scores`` and writes it into a slot step's slot,
-    #: so a step does not score every kept key again
+    #: a token's score, or what it is computed from, is fixed when it arrives (:meth:`arrival_scores` of its key:
+    #: KNorm's norm; KeyDiff's two norms): storage whose keys never move computes it once, keeps it in ``seg.scores``
+    #: and writes it into a slot step's slot, so a step does not read every kept key for it again
     fixed_scores: ClassVar[bool] = False
 
     def capacity(self) -> int | None:
@@ -70,8 +70,9 @@ class Method:
 
     def arrival_scores(self, keys: torch.Tensor) -> torch.Tensor:
         """For a method with ``fixed_scores``: the scores ``(B, h, q)`` float32 of ``q`` arriving tokens from their
-        keys ``(B, h, q, D)`` as the storage keeps them; :meth:`score` then reads them in ``seg.scores`` (None where the
-        storage keeps none: keys that move, quantized keys)."""
+        keys ``(B, h, q, D)`` as the storage keeps them, or ``(B, h, q, w)``, ``w`` values a token's score is computed
+        from; :meth:`score` then reads them in ``seg.scores`` (None where the storage keeps none: keys that move,
+        quantized keys)."""
         raise NotImplementedError(f"{type(self).__name__} has fixed_scores but no arrival_scores()")
 
     def score_in_time(self, seg: Storage) -> torch.Tensor:

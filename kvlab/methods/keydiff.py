@@ -25,11 +25,16 @@ class KeyDiff(KNorm):
 
     name = "keydiff"
     ties = False  # a key's cosine to the anchor changes with its rotation: repeated tokens do not tie
-    fixed_scores = False  # the anchor moves with every token kept
+    # the anchor moves with every token kept, but a key's two norms below do not: storage whose keys never move keeps
+    # them from the token's arrival (``seg.scores``, (B, h, n, 2)), so a step computes no norm over the cache
+    fixed_scores = True
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
         keys, _, valid = seg.stored()
-        k = F.normalize(keys.float(), dim=-1)  # (B, h, n, D): a new tensor, turned into the scores in place below
+        norms = seg.scores  # (B, h, n, 2): kept since each token's arrival; None where the storage keeps none
+        # k: (B, h, n, D) unit keys, a new tensor, turned into the scores in place below; the same bits as
+        # F.normalize(keys.float(), dim=-1), from the kept norms where there are some
+        k = F.normalize(keys.float(), dim=-1) if norms is None else keys.float() / norms[..., :1]
         if valid is None:
             anchor = k.mean(2, keepdim=True)  # (B, h, 1, D)
         else:
@@ -37,8 +42,20 @@ class KeyDiff(KNorm):
             anchor = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True).clamp_min(1)
         # -F.cosine_similarity(k, anchor, dim=-1), the same bits: it divides both by their norms, multiplies and
         # sums; but it broadcasts the anchor to k's shape first (so normalizes it once per token), and writes each
-        # step to a new (B, h, n, D) tensor. Here the anchor once, and k in place.
-        return _unit_(k).mul_(_unit_(anchor)).sum(-1).neg_()  # (B, h, n)
+        # step to a new (B, h, n, D) tensor. Here the anchor once, and k in place, by its kept norm if there is one.
+        k = _unit_(k) if norms is None else k.div_(norms[..., 1:])
+        return k.mul_(_unit_(anchor)).sum(-1).neg_()  # (B, h, n)
+
+    def arrival_scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """``(B, h, q, 2)`` float32: what scoring ``keys (B, h, q, D)`` takes from each key alone, its norm (as
+        ``F.normalize`` computes and clamps it) and the norm of the unit key it gives (as ``F.cosine_similarity``
+        computes and clamps it). Row by row a norm is the same bits as over the whole cache (a reduction over each
+        key's own channels)."""
+        k = keys.float()
+        norms = torch.empty(*k.shape[:-1], 2, device=k.device)  # written in place: no concatenation
+        unit = torch.linalg.vector_norm(k, dim=-1, out=norms[..., 0]).clamp_min_(1e-12)  # F.normalize's eps
+        torch.linalg.vector_norm(k / unit[..., None], dim=-1, out=norms[..., 1]).clamp_min_(1e-8)  # cosine's eps
+        return norms
 
 
 def _unit_(t: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

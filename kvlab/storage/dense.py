@@ -58,7 +58,7 @@ class Segment(InPlaceSteps, FramePositions):
         self._prepared: tuple | None = None  # (_src, _k, the rotation's two inputs, padded rows' shifts: frames.py)
         self._real: torch.Tensor | None = None  # (B, 1, 1) real tokens seen per row, once padding was seen
         self._pad_held: int | None = None  # at least the most padding any row and head holds (None: none seen)
-        self.scores: torch.Tensor | None = None  # (B, h, n) float32: accumulated attention, or fixed scores
+        self.scores: torch.Tensor | None = None  # (B, h, n) float32: accumulated attention; or fixed (B, h, n[, w])
         self.seen = 0  # tokens fed (padding included)
         self._start, self._head = 0, 0
         self._scrambled = False  # slot writes broke time order (the true positions in _pos restore it)

@@ -14,8 +14,8 @@ lowest-scoring one, found by one ``argmin``, and each kept token's true position
 scorer that pools over time neighbours reads them through :attr:`Segment.time_index` (a sort of ``n``
 positions, not a copy of the cache). In a padded batch padding scores ``-inf``, as in the copying eviction, so a
 row that still holds padding writes the new token over it; attention masks the padding left in the slots. A
-scorer whose scores are fixed when a token arrives (``fixed_scores``: KNorm's key norms) finds them in ``scores``,
-where the step writes the new token's own.
+scorer whose scores are fixed when a token arrives (``fixed_scores``: KNorm's key norms; KeyDiff's two norms of each
+key, from which it scores) finds them in ``scores``, where the step writes the new token's own.
 
 Room to grow. A segment that only grows (the full cache, any method while it fills its budget) appends
 its keys and values into spare room at the end of a larger buffer instead of concatenating, which
@@ -210,7 +210,8 @@ class InPlaceSteps:
         self._k.scatter_(2, slot, key)
         self._v.scatter_(2, slot, value)
         if self.fixed:  # the newest token's own score (the victim was chosen from the old ones above)
-            self.scores.scatter_(2, victim, scorer.arrival_scores(key))
+            new = scorer.arrival_scores(key)  # (B, h, 1[, w]): a score, or what it is computed from
+            self.scores.scatter_(2, victim if new.dim() == 3 else victim[..., None].expand_as(new), new)
         elif self.scores is not None and self.observed is None:  # accumulated scores: the newest token's starts at 0
             self.scores.scatter_(2, victim, 0.0)  # (observed scores are replaced whole by the attention that follows)
         if self._real is None:

@@ -123,7 +123,7 @@ class Storage(Protocol):
 
     group: Group
     heads: torch.Tensor  # (h,) long: the KV heads of the layer this storage holds
-    scores: torch.Tensor | None  # (B, h, n) float32 attention received (scorers that need it), or fixed_scores
+    scores: torch.Tensor | None  # (B, h, n) float32 attention received (scorers that need it), or fixed (B, h, n[, w])
 
     @property
     def length(self) -> int:
