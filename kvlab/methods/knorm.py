@@ -45,10 +45,10 @@ class KNorm(Method):
         return s.masked_fill(seg.age < self.recent, float("inf")) if self.recent else s
 
     def key_scores(self, seg: Storage) -> torch.Tensor:
-        """``(B, h, n)`` scores from the kept keys alone, as stored (the one thing a key-only variant overrides; one
-        whose scores change as tokens come and go, as KeyDiff's, also sets ``fixed_scores = False``): the norms kept
-        since each token arrived (``seg.scores``), or, where the storage keeps none (keys that move, quantized keys),
-        those of the keys it holds now."""
+        """``(B, h, n)`` scores from the kept keys alone, as stored (the one thing a key-only variant overrides, with
+        :meth:`arrival_scores`, or ``fixed_scores = False`` where nothing of a key's score is fixed at its arrival):
+        the norms kept since each token arrived (``seg.scores``), or, where the storage keeps none (keys that move,
+        quantized keys), those of the keys it holds now."""
         return seg.scores if seg.scores is not None else self.arrival_scores(seg.stored()[0])
 
     def arrival_scores(self, keys: torch.Tensor) -> torch.Tensor:
