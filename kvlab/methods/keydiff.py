@@ -52,7 +52,7 @@ class KeyDiff(KNorm):
         computes and clamps it). Row by row a norm is the same bits as over the whole cache (a reduction over each
         key's own channels)."""
         k = keys.float()
-        norms = torch.empty(*k.shape[:-1], 2, device=k.device)  # written in place: no concatenation
+        norms = torch.empty(*k.shape[:-1], 2, dtype=torch.float32, device=k.device)  # filled in place: no concatenation
         unit = torch.linalg.vector_norm(k, dim=-1, out=norms[..., 0]).clamp_min_(1e-12)  # F.normalize's eps
         torch.linalg.vector_norm(k / unit[..., None], dim=-1, out=norms[..., 1]).clamp_min_(1e-8)  # cosine's eps
         return norms
