@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import CountCalls, Inside, left_padded, positive_ints, run_meta, run_script, write
+from timing import CountCalls, Inside, greedy_step, left_padded, positive_ints, run_meta, run_script, write
 from transformers import DynamicCache
 
 import kvlab
@@ -71,8 +71,7 @@ def _step(model, cache, token, masks: dict | None = None, spec: str = ""):
     mask = None
     if masks is not None:
         mask = masks[spec] = torch.cat((masks[spec], masks[spec].new_ones(masks[spec].shape[0], 1)), dim=1)
-    logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
-    return logits.argmax(-1, keepdim=True)
+    return greedy_step(model, cache, token, mask)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import run_meta, run_script, write
+from timing import greedy_step, run_meta, run_script, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
@@ -65,10 +65,8 @@ class Stepper:
         for _ in range(warmup):
             self.step()
 
-    @torch.no_grad()
     def step(self) -> None:
-        out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.token = greedy_step(self.model, self.cache, self.token)
 
     def timed(self) -> None:
         t = time.perf_counter()

@@ -60,6 +60,14 @@ class Inside:
 
 
 @torch.no_grad()
+def greedy_step(model: Any, cache: Any, token: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One greedy decode step through ``cache``: ``token (B, 1)`` -> the next ``(B, 1)``; ``mask (B, n)`` the batch's
+    attention mask including the new token, if any."""
+    logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    return logits.argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
 def decode(model: Any, ids: torch.Tensor, spec: str, steps: int, warmup: int, chunk: int,
            inside: Inside) -> tuple[Any, dict[str, Any]]:
     """Prefill ``ids (1, n)`` ``chunk`` tokens at a time through a fresh ``spec`` cache, then ``warmup`` +
