@@ -33,7 +33,7 @@ from timing import run_meta, run_script, write
 
 import kvlab
 from kvlab.data import load_text, tokenize
-from kvlab.methods.keydiff import KeyDiff
+from kvlab.methods.keydiff import COSINE_EPS, NORMALIZE_EPS, KeyDiff
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -47,10 +47,10 @@ class ThreeReads(KeyDiff):
     def key_scores(self, seg) -> torch.Tensor:
         keys, _, valid = seg.stored()
         k = keys.float()  # (B, h, n, D)
-        inv = torch.linalg.vector_norm(k, dim=-1).clamp_min_(1e-12).reciprocal_()  # (B, h, n)
+        inv = torch.linalg.vector_norm(k, dim=-1).clamp_min_(NORMALIZE_EPS).reciprocal_()  # (B, h, n)
         weights = inv if valid is None else inv * valid
         anchor = torch.matmul(weights.unsqueeze(-2), k)  # (B, h, 1, D): the sum of the unit keys
-        anchor = anchor.div_(torch.linalg.vector_norm(anchor, dim=-1, keepdim=True).clamp_min_(1e-8))
+        anchor = anchor.div_(torch.linalg.vector_norm(anchor, dim=-1, keepdim=True).clamp_min_(COSINE_EPS))
         return torch.matmul(k, anchor.mT).squeeze(-1).mul_(inv).neg_()  # (B, h, n)
 
 

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from kvlab.methods.knorm import KNorm
 from kvlab.storage import Storage
 
+NORMALIZE_EPS = 1e-12  # F.normalize's floor under a key's norm
+COSINE_EPS = 1e-8  # F.cosine_similarity's floor under the norms it divides by
+
 
 @dataclass
 class KeyDiff(KNorm):
@@ -34,7 +37,7 @@ class KeyDiff(KNorm):
         norms = seg.scores  # (B, h, n, 2): kept since each token's arrival; None where the storage keeps none
         # k: (B, h, n, D) unit keys, a new tensor, turned into the scores in place below; the same bits as
         # F.normalize(keys.float(), dim=-1), from the kept norms where there are some
-        k = F.normalize(keys.float(), dim=-1) if norms is None else keys.float() / norms[..., :1]
+        k = F.normalize(keys.float(), dim=-1, eps=NORMALIZE_EPS) if norms is None else keys.float() / norms[..., :1]
         if valid is None:
             anchor = k.mean(2, keepdim=True)  # (B, h, 1, D)
         else:
@@ -53,11 +56,11 @@ class KeyDiff(KNorm):
         key's own channels)."""
         k = keys.float()
         norms = torch.empty(*k.shape[:-1], 2, dtype=torch.float32, device=k.device)  # filled in place: no concatenation
-        unit = torch.linalg.vector_norm(k, dim=-1, out=norms[..., 0]).clamp_min_(1e-12)  # F.normalize's eps
-        torch.linalg.vector_norm(k / unit[..., None], dim=-1, out=norms[..., 1]).clamp_min_(1e-8)  # cosine's eps
+        unit = torch.linalg.vector_norm(k, dim=-1, out=norms[..., 0]).clamp_min_(NORMALIZE_EPS)
+        torch.linalg.vector_norm(k / unit[..., None], dim=-1, out=norms[..., 1]).clamp_min_(COSINE_EPS)
         return norms
 
 
-def _unit_(t: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``t (..., D)`` divided in place by its norms along the last axis, clamped at ``eps`` (cosine_similarity's)."""
-    return t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min_(eps))
+def _unit_(t: torch.Tensor) -> torch.Tensor:
+    """``t (..., D)`` divided in place by its norms along the last axis, clamped at :data:`COSINE_EPS`."""
+    return t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min_(COSINE_EPS))
